@@ -1,0 +1,35 @@
+"""User-facing errors: everything a user can cause ends as a `DiffMixError`.
+
+The CLI prints the message (one line, naming what and where) and exits with code 2, without
+a traceback. Programming errors stay ordinary exceptions so they do show a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DiffMixError(Exception):
+    """Base class of every error a user can cause (bad path, bad file, bad config, ...)."""
+
+
+class DataError(DiffMixError):
+    """A dataset file or folder is missing, unreadable, or violates the data contract."""
+
+
+class PairingError(DataError):
+    """Images and labels of a dataset folder do not pair up by name."""
+
+
+class ClassSchemeError(DataError):
+    """Unknown class ids, unknown scheme, or a class merge that would be applied twice."""
+
+
+class ConfigError(DiffMixError):
+    """A configuration file, preset or command-line option is invalid."""
+
+
+class CheckpointError(DiffMixError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+class RunFolderError(DiffMixError):
+    """A run folder holds a different run than the one being resumed."""
