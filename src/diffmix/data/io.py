@@ -1,0 +1,551 @@
+"""Dataset folders on disk: read CoNSeP/GLySAC/PanNuke/generic layouts, write diffmix datasets.
+
+Layouts read (`read_dataset`):
+- CoNSeP layout: `Images/NAME.{png,tif,tiff,jpg,jpeg}` + `Labels/NAME.{mat,npy}`, paired by NAME
+  (GLySAC is the same with `.tif` images). `.mat` labels hold `inst_map` and `type_map` or
+  `inst_type`; `.npy` labels are (inst, type) stacked as 2xHxW or HxWx2.
+- A flat folder of `NAME.png` + `NAME.npy` (inst, type stacked), or of HoVer-Net training
+  patches `NAME.npy` (HxWx5: RGB, inst, type).
+- PanNuke: `images.npy` (N,H,W,3) + `masks.npy` (N,H,W,6: per-class instance ids, background)
+  anywhere below the folder.
+Any folder written by diffmix carries `dataset.json` (class scheme, `merged: true`, provenance):
+its labels are already merged and are never merged again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from diffmix.data.sample import NucleiSample, as_label_map, inst_centroids, remap_ids, validation_problems
+from diffmix.data.schemes import PANNUKE, ClassScheme, get_scheme
+from diffmix.errors import ClassSchemeError, DataError, PairingError
+from diffmix.runs import atomic_path, atomic_write_text
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+DATASET_JSON = "dataset.json"
+FORMAT_VERSION = 1
+
+__all__ = [
+    "Dataset",
+    "read_dataset",
+    "scan_dataset",
+    "write_dataset",
+    "write_sample",
+    "write_dataset_json",
+    "read_dataset_json",
+    "read_image",
+    "write_image",
+    "read_mat_labels",
+    "write_mat_labels",
+    "write_hovernet_npy",
+    "atomic_path",
+]
+
+
+# --------------------------------------------------------------------------- images
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An RGB uint8 HxWx3 array from PNG/JPEG/TIFF; alpha is dropped, grey is expanded."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            arr = np.asarray(tifffile.imread(path))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                if im.mode not in ("RGB", "RGBA", "L", "LA"):
+                    im = im.convert("RGB")
+                arr = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except Exception as exc:  # PIL and tifffile raise many types on corrupt files
+        raise DataError(f"{path}: unreadable image ({exc})") from None
+    if arr.dtype != np.uint8:
+        raise DataError(f"{path}: image has dtype {arr.dtype}; diffmix expects 8-bit RGB")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (2, 3, 4):
+        raise DataError(f"{path}: image has shape {arr.shape}, expected HxWx3 RGB")
+    if arr.shape[2] == 2:  # grey + alpha
+        arr = np.repeat(arr[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write an RGB uint8 image atomically (format from the suffix: png, tif, jpg)."""
+    path = Path(path)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise DataError(f"{path}: refusing to write image of shape {image.shape} dtype {image.dtype}")
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, image)
+        else:
+            from PIL import Image
+
+            Image.fromarray(image).save(tmp, format="PNG" if path.suffix.lower() == ".png" else None)
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def read_mat_labels(path: str | Path) -> dict[str, np.ndarray]:
+    """The label arrays of a CoNSeP-style `.mat`: the keys present among `inst_map`, `type_map`,
+    `inst_type` (flattened to (N,)) and `inst_centroid` ((N, 2), x then y).
+
+    `inst_map` is required; a corrupt or foreign file raises DataError naming it.
+    """
+    import scipy.io
+
+    path = Path(path)
+    try:
+        mat = scipy.io.loadmat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: label file not found") from None
+    except Exception as exc:  # scipy raises ValueError, MatReadError, TypeError ... on bad files
+        raise DataError(f"{path}: corrupt or unreadable .mat file ({exc})") from None
+    if "inst_map" not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise DataError(f"{path}: no 'inst_map' in .mat (keys: {keys})")
+    out: dict[str, np.ndarray] = {"inst_map": np.asarray(mat["inst_map"])}
+    if "type_map" in mat:
+        out["type_map"] = np.asarray(mat["type_map"])
+    if "inst_type" in mat:
+        out["inst_type"] = np.asarray(mat["inst_type"]).reshape(-1)
+    if "inst_centroid" in mat:
+        cen = np.asarray(mat["inst_centroid"], dtype=np.float64)
+        out["inst_centroid"] = cen.reshape(-1, 2) if cen.size else np.zeros((0, 2))
+    return out
+
+
+def type_map_from_inst_type(inst_map: np.ndarray, inst_type: np.ndarray, where: str) -> np.ndarray:
+    """Paint per-instance classes (`inst_type[id - 1]`, the CoNSeP convention) into a type map."""
+    inst_type = np.asarray(inst_type).reshape(-1)
+    if inst_map.size and inst_map.max() > inst_type.size:
+        raise DataError(
+            f"{where}: inst_map has id {int(inst_map.max())} but inst_type has only {inst_type.size} entries"
+        )
+    lut = np.concatenate([[0], inst_type]).astype(np.int64)
+    return lut[inst_map.astype(np.int64)].astype(np.int32)
+
+
+def labels_to_maps(labels: Mapping[str, np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inst_map, type_map) int32 from a label dict: `type_map` if present, else `inst_type`."""
+    inst = as_label_map(labels["inst_map"], "inst_map", where)
+    if inst.ndim != 2:
+        raise DataError(f"{where}: inst_map has shape {inst.shape}, expected HxW")
+    if "type_map" in labels:
+        types = as_label_map(labels["type_map"], "type_map", where)
+    elif "inst_type" in labels:
+        types = type_map_from_inst_type(inst, as_label_map(labels["inst_type"], "inst_type", where), where)
+    else:
+        raise DataError(f"{where}: labels have neither 'type_map' nor 'inst_type'")
+    return inst, types
+
+
+def write_mat_labels(path: str | Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
+    """Write a CoNSeP `.mat` atomically: `inst_map`, `type_map`, `inst_type` Nx1 and
+    `inst_centroid` Nx2 (x, y), both in instance-id order.
+
+    Ids must be contiguous 1..N (the CoNSeP convention `inst_type[id-1]`); `write_sample`
+    remaps them before calling this. `inst_type` is stored Nx1 because a 1-D array would be
+    saved as 1xN, which hover_net's `[:, 0]` misreads (hovernet_notes 6).
+    """
+    import scipy.io
+
+    inst_map = np.asarray(inst_map, dtype=np.int32)
+    type_map = np.asarray(type_map, dtype=np.int32)
+    ids = np.unique(inst_map)
+    ids = ids[ids > 0]
+    if ids.size and not (ids[0] == 1 and ids[-1] == ids.size):
+        raise DataError(f"{path}: instance ids must be contiguous 1..N before writing")
+    types = np.zeros(ids.size, dtype=np.int32)
+    if ids.size:
+        fg = inst_map > 0
+        types[inst_map[fg] - 1] = type_map[fg]
+    cen = inst_centroids(inst_map)
+    centroid = np.array([cen[int(i)] for i in ids], dtype=np.float64).reshape(-1, 2)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            scipy.io.savemat(
+                fh,
+                {
+                    "inst_map": inst_map,
+                    "type_map": type_map,
+                    "inst_type": types.reshape(-1, 1),
+                    "inst_centroid": centroid,
+                },
+                do_compression=True,
+            )
+
+
+def write_hovernet_npy(path: str | Path, sample: NucleiSample) -> None:
+    """A HoVer-Net training patch: HxWx5 int32 [R, G, B, inst, type], written atomically."""
+    arr = np.concatenate(
+        [sample.image.astype(np.int32), remap_ids(sample.inst_map)[..., None], sample.type_map[..., None]],
+        axis=2,
+    )
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+
+def _read_npy_labels(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(inst, type, image or None) from a generic `.npy`: 2xHxW / HxWx2 labels or HxWx5 patches."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable .npy ({exc})") from None
+    where = str(path)
+    if arr.ndim == 3 and arr.shape[2] == 5:
+        image = arr[:, :, :3]
+        if image.min() < 0 or image.max() > 255:
+            raise DataError(f"{where}: RGB channels of a HxWx5 patch are outside 0..255")
+        return arr[:, :, 3], arr[:, :, 4], np.ascontiguousarray(image.astype(np.uint8))
+    if arr.ndim == 3 and arr.shape[0] == 2:
+        return arr[0], arr[1], None
+    if arr.ndim == 3 and arr.shape[2] == 2:
+        return arr[:, :, 0], arr[:, :, 1], None
+    raise DataError(f"{where}: .npy labels must be 2xHxW, HxWx2 (inst, type) or HxWx5 patches, got {arr.shape}")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class Dataset:
+    """Validated samples with their (merged) class scheme and where they came from."""
+
+    samples: list[NucleiSample]
+    scheme: ClassScheme
+    root: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator[NucleiSample]:
+        return iter(self.samples)
+
+    def __getitem__(self, index: int) -> NucleiSample:
+        return self.samples[index]
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.samples]
+
+    def by_name(self, name: str) -> NucleiSample:
+        for s in self.samples:
+            if s.name == name:
+                return s
+        raise DataError(f"{self.root or 'dataset'}: no sample named {name!r}")
+
+    def class_counts(self) -> dict[int, int]:
+        """Nuclei per merged class over the whole dataset (every class of the scheme listed)."""
+        counts = {c: 0 for c in self.scheme.class_ids}
+        for s in self.samples:
+            for cls, n in s.class_counts().items():
+                counts[cls] = counts.get(cls, 0) + n
+        return counts
+
+
+def read_dataset_json(root: str | Path) -> dict[str, Any] | None:
+    path = Path(root) / DATASET_JSON
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable dataset description ({exc})") from None
+    if not isinstance(meta, dict) or "scheme" not in meta:
+        raise DataError(f"{path}: not a diffmix dataset description (no 'scheme')")
+    return meta
+
+
+def _resolve_scheme(
+    root: Path, meta: dict[str, Any] | None, scheme: str | Path | ClassScheme | None, default: ClassScheme | None
+) -> tuple[ClassScheme, bool]:
+    """(scheme whose merged classes the samples will carry, whether raw labels must be merged)."""
+    requested = get_scheme(scheme) if scheme is not None else None
+    if meta is not None and meta.get("merged", False):
+        stored = ClassScheme.from_json(meta["scheme"], where=str(root / DATASET_JSON))
+        if requested is not None and requested.name != stored.name:
+            raise ClassSchemeError(
+                f"{root}: labels are already merged with scheme {stored.name!r}; "
+                f"merging them again with {requested.name!r} would apply a class merge twice"
+            )
+        return stored.merged(), False
+    if meta is not None and requested is None:
+        requested = ClassScheme.from_json(meta["scheme"], where=str(root / DATASET_JSON))
+    if requested is None:
+        requested = default if default is not None else get_scheme("consep")
+    return requested, True
+
+
+def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> tuple[dict[str, Path], list[str]]:
+    """Files of `folder` with one of `suffixes`, keyed by name, and the names used twice."""
+    found: dict[str, Path] = {}
+    dupes: set[str] = set()
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() in suffixes and not p.name.startswith("."):
+            if p.stem in found:
+                dupes.add(p.stem)
+            found[p.stem] = p
+    return found, sorted(dupes)
+
+
+def _pair_files(root: Path) -> tuple[list[tuple[str, Path | None, Path]], str]:
+    """(name, image path or None, label path) triples sorted by name, and the layout found."""
+    images_dir, labels_dir = root / "Images", root / "Labels"
+    if images_dir.is_dir() != labels_dir.is_dir():
+        have, missing = ("Images", "Labels") if images_dir.is_dir() else ("Labels", "Images")
+        raise PairingError(f"{root}: has {have}/ but no {missing}/ folder")
+    layout = "consep" if images_dir.is_dir() else "flat"
+    image_folder, label_folder = (images_dir, labels_dir) if layout == "consep" else (root, root)
+    images, image_dupes = _by_stem(image_folder, IMAGE_SUFFIXES)
+    labels, label_dupes = _by_stem(label_folder, (".mat", ".npy"))
+    if image_dupes or label_dupes:
+        raise PairingError(f"{root}: several files share a name: {_names(image_dupes + label_dupes)}")
+    if layout == "flat" and not images and labels:  # HoVer-Net HxWx5 patches carry their image
+        return [(n, None, labels[n]) for n in sorted(labels)], "hovernet-npy"
+    lonely_images = sorted(set(images) - set(labels))
+    lonely_labels = sorted(set(labels) - set(images))
+    if lonely_images or lonely_labels:
+        parts = []
+        if lonely_images:
+            parts.append(f"images without labels: {_names(lonely_images)}")
+        if lonely_labels:
+            parts.append(f"labels without images: {_names(lonely_labels)}")
+        raise PairingError(f"{root}: " + "; ".join(parts))
+    if not images:
+        raise DataError(f"{root}: no images found (expected Images/ + Labels/, or image + .npy pairs)")
+    return [(n, images[n], labels[n]) for n in sorted(images)], layout
+
+
+def _names(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _find_pannuke(root: Path) -> tuple[Path, Path] | None:
+    if (root / "images.npy").is_file() and (root / "masks.npy").is_file():
+        return root / "images.npy", root / "masks.npy"
+    images = sorted(root.rglob("images.npy"))
+    masks = sorted(root.rglob("masks.npy"))
+    if len(images) == 1 and len(masks) == 1:
+        return images[0], masks[0]
+    if images or masks:
+        raise DataError(f"{root}: expected exactly one PanNuke images.npy and masks.npy, found {len(images)} and {len(masks)}")
+    return None
+
+
+def pannuke_masks_to_maps(mask: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inst_map, type_map) from one PanNuke mask (H,W,6): channels 0..4 hold per-class
+    instance ids (class = channel + 1), channel 5 is background. Instances are numbered
+    class by class, each id in id order, so ids that repeat across channels stay distinct."""
+    if mask.ndim != 3 or mask.shape[2] != 6:
+        raise DataError(f"{where}: PanNuke mask has shape {mask.shape}, expected HxWx6")
+    h, w = mask.shape[:2]
+    inst = np.zeros((h, w), dtype=np.int32)
+    types = np.zeros((h, w), dtype=np.int32)
+    next_id = 1
+    for ch in range(5):
+        layer = as_label_map(mask[:, :, ch], f"masks channel {ch}", where)
+        ids = np.unique(layer)
+        ids = ids[ids > 0]
+        if ids.size == 0:
+            continue
+        lut = np.zeros(int(ids.max()) + 1, dtype=np.int32)
+        lut[ids] = np.arange(next_id, next_id + ids.size, dtype=np.int32)
+        fg = layer > 0
+        inst[fg] = lut[layer[fg]]
+        types[fg] = ch + 1
+        next_id += ids.size
+    return remap_ids(inst), types
+
+
+def _read_pannuke(root: Path, images_path: Path, masks_path: Path, scheme: ClassScheme) -> Dataset:
+    try:
+        images = np.load(images_path, mmap_mode="r")
+        masks = np.load(masks_path, mmap_mode="r")
+    except Exception as exc:
+        raise DataError(f"{images_path.parent}: unreadable PanNuke arrays ({exc})") from None
+    if images.ndim != 4 or images.shape[3] != 3 or masks.shape[:3] != images.shape[:3]:
+        raise DataError(
+            f"{root}: PanNuke images {images.shape} and masks {masks.shape} do not agree (N,H,W,3 / N,H,W,6)"
+        )
+    samples = []
+    for i in range(images.shape[0]):
+        where = f"{images_path}[{i}]"
+        img = np.asarray(images[i])
+        if img.min() < 0 or img.max() > 255:
+            raise DataError(f"{where}: pixel values outside 0..255")
+        inst, types = pannuke_masks_to_maps(np.asarray(masks[i]), where)
+        samples.append(
+            NucleiSample(np.ascontiguousarray(img.astype(np.uint8)), inst, types, f"pannuke_{i:05d}", scheme.num_classes)
+        )
+    return Dataset(samples, scheme, root, {"layout": "pannuke"})
+
+
+def _load_pair(
+    name: str, image_path: Path | None, label_path: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, inst_map, raw type_map) of one pair; errors name the offending file."""
+    if label_path.suffix.lower() == ".mat":
+        inst, types = labels_to_maps(read_mat_labels(label_path), str(label_path))
+        embedded = None
+    else:
+        inst_raw, type_raw, embedded = _read_npy_labels(label_path)
+        inst = as_label_map(inst_raw, "inst_map", str(label_path))
+        types = as_label_map(type_raw, "type_map", str(label_path))
+    image = read_image(image_path) if image_path is not None else embedded
+    assert image is not None
+    if image.shape[:2] != inst.shape:
+        raise DataError(
+            f"{label_path}: label size {inst.shape} does not match image "
+            f"{image_path or label_path} size {image.shape[:2]}"
+        )
+    return image, inst, types
+
+
+def scan_dataset(
+    path: str | Path, scheme: str | Path | ClassScheme | None = None
+) -> tuple[Dataset, list[str]]:
+    """Read what can be read and collect every problem instead of stopping at the first.
+
+    Returns the valid samples and one message per problem (file and what is wrong); used by
+    `diffmix inspect`. Folder-level problems (no such folder, unpaired files) still raise.
+    """
+    return _read(path, scheme, strict=False)
+
+
+def read_dataset(path: str | Path, scheme: str | Path | ClassScheme | None = None) -> Dataset:
+    """Read and validate a dataset folder; the first problem raises a DataError naming the file.
+
+    `scheme` (name, YAML path or ClassScheme) says how raw class ids merge. It is ignored for
+    folders diffmix wrote (already merged, `dataset.json`) unless it names a different scheme,
+    which raises: a merge is applied exactly once. Raw folders default to `consep`; PanNuke
+    arrays to `pannuke`.
+    """
+    dataset, _ = _read(path, scheme, strict=True)
+    return dataset
+
+
+def _read(path: str | Path, scheme: str | Path | ClassScheme | None, strict: bool) -> tuple[Dataset, list[str]]:
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    meta = read_dataset_json(root)
+    pannuke = _find_pannuke(root) if meta is None and not (root / "Images").is_dir() else None
+    if pannuke is not None:
+        resolved, _ = _resolve_scheme(root, None, scheme, PANNUKE)
+        return _read_pannuke(root, *pannuke, resolved), []
+    resolved, must_merge = _resolve_scheme(root, meta, scheme, None)
+    merged_scheme = resolved.merged() if must_merge else resolved
+    pairs, layout = _pair_files(root)
+    samples: list[NucleiSample] = []
+    problems: list[str] = []
+    for name, image_path, label_path in pairs:
+        try:
+            image, inst, raw_types = _load_pair(name, image_path, label_path)
+            types = resolved.merge_type_map(raw_types, str(label_path)) if must_merge else raw_types
+            issues = validation_problems(image, inst, types, merged_scheme.num_classes)
+            if issues:
+                raise DataError(f"{label_path}: {'; '.join(issues)}")
+            samples.append(NucleiSample(image, inst, types, name, merged_scheme.num_classes))
+        except DataError as exc:
+            if strict:
+                raise
+            problems.append(str(exc))
+    info = dict(meta or {})
+    info.setdefault("layout", layout)
+    return Dataset(samples, merged_scheme, root, info), problems
+
+
+def write_dataset_json(
+    root: str | Path, scheme: ClassScheme, provenance: Mapping[str, Any] | None = None
+) -> None:
+    """Write `dataset.json`: the merged class scheme, `merged: true`, and provenance."""
+    meta = {
+        "format": "diffmix-dataset",
+        "version": FORMAT_VERSION,
+        "merged": True,
+        "scheme": scheme.merged().to_json(),
+        "provenance": dict(provenance or {}),
+    }
+    atomic_write_text(Path(root) / DATASET_JSON, json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def write_sample(root: str | Path, sample: NucleiSample, image_suffix: str = ".png") -> None:
+    """Write one sample into a CoNSeP-layout folder (image, then labels; each file atomic).
+
+    Instance ids are renumbered 1..N in their order (the `.mat` convention); for samples that
+    already have contiguous ids this is the identity, so write-then-read is exact.
+    """
+    root = Path(root)
+    inst = remap_ids(sample.inst_map)
+    write_image(root / "Images" / f"{sample.name}{image_suffix}", sample.image)
+    write_mat_labels(root / "Labels" / f"{sample.name}.mat", inst, sample.type_map)
+
+
+def write_dataset(
+    path: str | Path,
+    samples: Iterable[NucleiSample],
+    scheme: ClassScheme,
+    provenance: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+    image_suffix: str = ".png",
+) -> Path:
+    """Write a whole dataset folder atomically: built under a temporary name, then renamed.
+
+    An existing non-empty folder is an error unless `overwrite` (then it is replaced only after
+    the new one is complete). Labels must already be merged to `scheme`'s classes.
+    """
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"{out}: exists and is not empty; choose a new output folder")
+    samples = list(samples)
+    names = [s.name for s in samples]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise DataError(f"{out}: several samples share a name: {_names(dupes)}")
+    bad = [n for n in names if not n or "/" in n or "\\" in n or n.startswith(".")]
+    if bad:
+        raise DataError(f"{out}: sample names unusable as file names: {_names(bad)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for sample in samples:
+            problems = validation_problems(sample.image, sample.inst_map, sample.type_map, scheme.num_classes)
+            if problems:
+                raise DataError(f"{sample.name}: {'; '.join(problems)}")
+            write_sample(tmp, sample, image_suffix)
+        (tmp / "Images").mkdir(exist_ok=True)
+        (tmp / "Labels").mkdir(exist_ok=True)
+        write_dataset_json(tmp, scheme, provenance)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
