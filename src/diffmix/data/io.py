@@ -133,13 +133,25 @@ def read_mat_labels(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def type_map_from_inst_type(inst_map: np.ndarray, inst_type: np.ndarray, where: str) -> np.ndarray:
-    """Paint per-instance classes (`inst_type[id - 1]`, the CoNSeP convention) into a type map."""
-    inst_type = np.asarray(inst_type).reshape(-1)
-    if inst_map.size and inst_map.max() > inst_type.size:
+    """Paint per-instance classes into a type map.
+
+    `inst_type` lists one class per instance in id order. With contiguous ids that is the
+    CoNSeP convention `inst_type[id - 1]`; with gaps (crops of larger maps) row k belongs to
+    the k-th smallest id present. Longer tables indexed by id (ids that vanished) also work.
+    """
+    inst_type = np.asarray(inst_type).reshape(-1).astype(np.int64)
+    ids = np.unique(inst_map)
+    ids = ids[ids > 0]
+    if ids.size == inst_type.size:
+        lut = np.zeros(int(ids.max(initial=0)) + 1, dtype=np.int64)
+        lut[ids] = inst_type
+    elif ids.size == 0 or ids.max() <= inst_type.size:
+        lut = np.concatenate([[0], inst_type])
+    else:
         raise DataError(
-            f"{where}: inst_map has id {int(inst_map.max())} but inst_type has only {inst_type.size} entries"
+            f"{where}: inst_map has {ids.size} instances (max id {int(ids.max())}) "
+            f"but inst_type has {inst_type.size} entries"
         )
-    lut = np.concatenate([[0], inst_type]).astype(np.int64)
     return lut[inst_map.astype(np.int64)].astype(np.int32)
 
 
@@ -159,25 +171,21 @@ def labels_to_maps(labels: Mapping[str, np.ndarray], where: str) -> tuple[np.nda
 
 def write_mat_labels(path: str | Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
     """Write a CoNSeP `.mat` atomically: `inst_map`, `type_map`, `inst_type` Nx1 and
-    `inst_centroid` Nx2 (x, y), both in instance-id order.
+    `inst_centroid` Nx2 (x, y), both in instance-id order (row k = k-th smallest id).
 
-    Ids must be contiguous 1..N (the CoNSeP convention `inst_type[id-1]`); `write_sample`
-    remaps them before calling this. `inst_type` is stored Nx1 because a 1-D array would be
-    saved as 1xN, which hover_net's `[:, 0]` misreads (hovernet_notes 6).
+    `inst_type` is stored Nx1 because a 1-D array would be saved as 1xN, which hover_net's
+    `[:, 0]` misreads (hovernet_notes 6). Ids are kept as they are, so write-then-read is exact.
     """
     import scipy.io
 
     inst_map = np.asarray(inst_map, dtype=np.int32)
     type_map = np.asarray(type_map, dtype=np.int32)
-    ids = np.unique(inst_map)
-    ids = ids[ids > 0]
-    if ids.size and not (ids[0] == 1 and ids[-1] == ids.size):
-        raise DataError(f"{path}: instance ids must be contiguous 1..N before writing")
+    cen = inst_centroids(inst_map)
+    ids = np.array(sorted(cen), dtype=np.int64)
     types = np.zeros(ids.size, dtype=np.int32)
     if ids.size:
         fg = inst_map > 0
-        types[inst_map[fg] - 1] = type_map[fg]
-    cen = inst_centroids(inst_map)
+        types[np.searchsorted(ids, inst_map[fg])] = type_map[fg]
     centroid = np.array([cen[int(i)] for i in ids], dtype=np.float64).reshape(-1, 2)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
@@ -491,15 +499,10 @@ def write_dataset_json(
 
 
 def write_sample(root: str | Path, sample: NucleiSample, image_suffix: str = ".png") -> None:
-    """Write one sample into a CoNSeP-layout folder (image, then labels; each file atomic).
-
-    Instance ids are renumbered 1..N in their order (the `.mat` convention); for samples that
-    already have contiguous ids this is the identity, so write-then-read is exact.
-    """
+    """Write one sample into a CoNSeP-layout folder (image, then labels; each file atomic)."""
     root = Path(root)
-    inst = remap_ids(sample.inst_map)
     write_image(root / "Images" / f"{sample.name}{image_suffix}", sample.image)
-    write_mat_labels(root / "Labels" / f"{sample.name}.mat", inst, sample.type_map)
+    write_mat_labels(root / "Labels" / f"{sample.name}.mat", sample.inst_map, sample.type_map)
 
 
 def write_dataset(
