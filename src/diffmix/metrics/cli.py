@@ -1,9 +1,58 @@
-"""Commands of the `metrics` area."""
+"""Commands of the `metrics` area: `diffmix evaluate`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from diffmix.errors import ConfigError
+
+
+def _parse_classes(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--classes {text!r}: expected comma-separated integers like 1,2,3,4") from None
+    if not ids or any(i <= 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"--classes {text!r}: expected distinct positive class ids like 1,2,3,4")
+    return ids
+
+
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted labels (.mat or .npy)."),
+    true: Path = typer.Option(..., "--true", help="Folder of ground-truth labels (.mat or .npy)."),
+    scheme: Optional[str] = typer.Option(
+        None,
+        "--scheme",
+        help="Class scheme (consep, glysac, pannuke or a YAML file): gives the class list and "
+        "merges raw ground-truth classes (not if dataset.json says they are merged).",
+    ),
+    classes: Optional[str] = typer.Option(
+        None, "--classes", help="Explicit class list, e.g. 1,2,3,4; merges nothing."
+    ),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+) -> None:
+    """Dice, AJI, AJI+, DQ/SQ/PQ per image and pooled type F1 (official HoVer-Net numbers)."""
+    from diffmix.data.schemes import get_scheme
+    from diffmix.metrics.evaluate import evaluate_folders, format_table, to_json
+
+    if scheme is not None and classes is not None:
+        raise ConfigError("give --scheme or --classes, not both")
+    class_ids = _parse_classes(classes) if classes is not None else None
+    resolved = get_scheme(scheme) if scheme is not None else None
+    result = evaluate_folders(pred, true, scheme=resolved, class_ids=class_ids)
+    typer.echo(format_table(result, resolved))
+    if scheme is None and classes is None:
+        typer.echo("  (classes: those present in the ground truth; pass --scheme or --classes)")
+    if json_out is not None:
+        from diffmix.runs import atomic_write_text
+
+        atomic_write_text(json_out, to_json(result))
+        typer.echo(f"wrote {json_out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main `diffmix` app."""
+    app.command("evaluate")(evaluate)
