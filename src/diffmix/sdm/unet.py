@@ -1,0 +1,636 @@
+"""The SDM U-Net: a label-free encoder and a SPADE-conditioned middle and decoder (spec 2).
+
+This reproduces `guided_diffusion/unet.py` of the semantic diffusion model (Wang et al. 2022)
+as DiffMix trains it: the module tree and parameter names are the official ones, so the
+authors' released checkpoints load into `UNetModel` unchanged (see `diffmix.sdm.convert`).
+
+What differs from the official code, on purpose, without changing the maths:
+- attention runs through `torch.nn.functional.scaled_dot_product_attention` (fused kernels)
+  instead of two einsums; the legacy QKV channel layout is kept, so the weights are the same;
+- mixed precision is left to `torch.autocast` instead of casting conv weights to fp16; the plain
+  GroupNorms still compute in fp32 as SDM's `GroupNorm32` does, so bf16/fp16 autocast is stable;
+- gradient checkpointing uses `torch.utils.checkpoint` (use_reentrant=False) and, unlike the
+  official attention blocks (which always checkpoint), only when `use_checkpoint` is set;
+- the output is returned in the input's dtype (fp32 for fp32 inputs even under autocast).
+
+Shapes: x (B, in_channels, H, W) float in [-1, 1]-ish; timesteps (B,) original step 0..999
+(the network always sees the original t, spec 4 respacing); y (B, label_nc, H, W) float, the
+conditioning tensor of spec 1 (K+1 one-hot channels plus the instance-edge channel), all zeros
+for the null label. Output (B, out_channels, H, W): eps in the first in_channels channels and the
+raw variance-interpolation value v in the rest (learned sigma, spec 3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+NORM_GROUPS = 32  # spec 2: every GroupNorm (plain and SPADE) has 32 groups
+SPADE_HIDDEN = 128  # spec 2: SPADE's shared conv maps the label to 128 channels
+TIME_EMBED_MULT = 4  # time embedding width = 4 * model_channels (1024 for the paper config)
+
+
+class UNetConfig(BaseModel):
+    """Everything that shapes the SDM U-Net (spec 2 table); defaults are the paper config.
+
+    `attention_resolutions` are feature-map sizes, as SDM's `--attention_resolutions` flag
+    gives them (32,16,8 at image_size 256 means downsample factors 8, 16, 32). `image_size`
+    only serves to turn them into downsample factors: the network itself runs at any H, W
+    divisible by 2**(len(channel_mult)-1).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = 256
+    in_channels: int = 3
+    model_channels: int = 256
+    out_channels: int = 6  # 2*in_channels: eps and the learned-sigma interpolation v
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (32, 16, 8)
+    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)
+    num_head_channels: int = 64
+    label_nc: int = 6  # K+2: K+1 one-hot channels (background included) + instance edges
+    dropout: float = 0.0
+    use_checkpoint: bool = False
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+
+    @classmethod
+    def paper(cls, label_nc: int) -> "UNetConfig":
+        """The authors' 256-px config (spec 2): label_nc 6 for CoNSeP, 5 for GLySAC."""
+        return cls(label_nc=label_nc)
+
+    @classmethod
+    def small(cls, label_nc: int = 6) -> "UNetConfig":
+        """SDM's 64-px config (the manifest's `small_64`): 64 channels x (1,2,3,4), heads of 32."""
+        return cls(
+            image_size=64,
+            model_channels=64,
+            channel_mult=(1, 2, 3, 4),
+            attention_resolutions=(16, 8),
+            num_head_channels=32,
+            label_nc=label_nc,
+        )
+
+    @classmethod
+    def tiny(cls, label_nc: int = 6) -> "UNetConfig":
+        """A CPU-sized model (design.md calibration: ~4.9 M parameters at label_nc 6).
+
+        32 channels x (1,2,2), one res-block per level, attention on the 8x8 maps of 32-px tiles.
+        It learns the label conditioning of simple synthetic nuclei within a few CPU minutes.
+        """
+        return cls(
+            image_size=32,
+            model_channels=32,
+            channel_mult=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(8,),
+            num_head_channels=32,
+            label_nc=label_nc,
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> "UNetConfig":
+        for name in ("image_size", "in_channels", "model_channels", "out_channels",
+                     "num_res_blocks", "num_head_channels", "label_nc"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ValueError(f"channel_mult must be a non-empty tuple of ints >= 1, got {self.channel_mult}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for mult in self.channel_mult:
+            width = mult * self.model_channels
+            if width % NORM_GROUPS:
+                raise ValueError(
+                    f"channel width {width} (model_channels {self.model_channels} x mult {mult}) "
+                    f"is not divisible by the {NORM_GROUPS} GroupNorm groups"
+                )
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**(levels-1) = {factor}"
+            )
+        level_ds = {2**level: level for level in range(len(self.channel_mult))}
+        for res in self.attention_resolutions:
+            ds = self.image_size // res if res > 0 and self.image_size % res == 0 else None
+            if ds not in level_ds:
+                sizes = sorted((self.image_size // d for d in level_ds), reverse=True)
+                raise ValueError(
+                    f"attention resolution {res} is not a feature-map size of this U-Net "
+                    f"(image_size {self.image_size}: sizes {sizes})"
+                )
+            width = self.channel_mult[level_ds[ds]] * self.model_channels
+            if width % self.num_head_channels:
+                raise ValueError(
+                    f"attention width {width} at resolution {res} is not divisible by "
+                    f"num_head_channels {self.num_head_channels}"
+                )
+        deepest = self.channel_mult[-1] * self.model_channels
+        if deepest % self.num_head_channels:
+            raise ValueError(
+                f"middle-block attention width {deepest} is not divisible by "
+                f"num_head_channels {self.num_head_channels}"
+            )
+        return self
+
+    @property
+    def attention_ds(self) -> frozenset[int]:
+        """Downsample factors (1, 2, 4, ...) whose levels carry attention."""
+        return frozenset(self.image_size // r for r in self.attention_resolutions)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return TIME_EMBED_MULT * self.model_channels
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) float32, [cos | sin] as SDM orders it.
+
+    Frequencies are max_period**(-i/half) for i < half = dim // 2; an odd dim gets a zero column.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 and cast back: SDM's `normalization`, safe under bf16/fp16."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters: spec 2's zero-initialised output convs (each block starts as
+    the identity, the whole network starts by predicting 0)."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def _norm(channels: int) -> GroupNorm32:
+    return GroupNorm32(NORM_GROUPS, channels)
+
+
+class SPADEGroupNorm(nn.Module):
+    """Spatially-adaptive GroupNorm (spec 2): norm(x) * (1 + gamma(label)) + beta(label).
+
+    The norm has no affine parameters; the label (B, label_nc, h, w) is resized to x's size by
+    nearest-neighbour interpolation, so every block sees it at its own resolution. It runs in the
+    tensor's dtype, as in SDM (autocast computes group_norm in fp32 anyway).
+    """
+
+    def __init__(self, channels: int, label_nc: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(NORM_GROUPS, channels, affine=False)  # eps 1e-5
+        self.mlp_shared = nn.Sequential(
+            nn.Conv2d(label_nc, SPADE_HIDDEN, kernel_size=3, padding=1), nn.ReLU()
+        )
+        self.mlp_gamma = nn.Conv2d(SPADE_HIDDEN, channels, kernel_size=3, padding=1)
+        self.mlp_beta = nn.Conv2d(SPADE_HIDDEN, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor, label: Tensor) -> Tensor:
+        x = self.norm(x)
+        label = F.interpolate(label, size=x.shape[-2:], mode="nearest")
+        actv = self.mlp_shared(label)
+        return x * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+
+
+def _resample(x: Tensor, mode: str | None) -> Tensor:
+    """Parameter-free resampling of res-block up/down: nearest x2 up, 2x2 average-pool down."""
+    if mode == "up":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    if mode == "down":
+        return F.avg_pool2d(x, kernel_size=2, stride=2)
+    return x
+
+
+class _Checkpointed(nn.Module):
+    """Runs `_forward` under activation checkpointing when enabled and gradients are recorded."""
+
+    use_checkpoint: bool = False
+
+    def forward(self, *args: Tensor) -> Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return _torch_checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+    def _forward(self, *args: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ResBlock(_Checkpointed):
+    """Plain residual block of the encoder (spec 2): GroupNorm32 with affine, no label.
+
+    h = conv(SiLU(GN(x))) [resampled between activation and conv]; h = GN(h)*(1+scale)+shift
+    from the time embedding; h = conv0(Dropout(SiLU(h))) with conv0 zero-initialised; out =
+    skip(x) + h, skip an identity or a 1x1 conv.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int,
+        dropout: float,
+        use_scale_shift_norm: bool,
+        resample: str | None = None,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.resample = resample
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        self.in_layers = nn.Sequential(
+            _norm(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            _norm(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers[:-1](x)
+        # spec 2 step 7: resample both h (after norm+activation, before the conv) and x
+        h = self.in_layers[-1](_resample(h, self.resample))
+        x = _resample(x, self.resample)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class SDMResBlock(_Checkpointed):
+    """Label-conditioned residual block of the middle and decoder (spec 2): both norms SPADE.
+
+    h = conv(SiLU(SPADE_in(x, y))) [resampled before the conv]; h = SPADE_out(h, y)*(1+scale)
+    + shift; h = conv0(Dropout(SiLU(h))), conv0 zero-initialised; out = skip(x) + h.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int,
+        label_nc: int,
+        dropout: float,
+        use_scale_shift_norm: bool,
+        resample: str | None = None,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.resample = resample
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.use_checkpoint = use_checkpoint
+        self.in_norm = SPADEGroupNorm(channels, label_nc)
+        self.in_layers = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
+        )
+        self.out_norm = SPADEGroupNorm(out_channels, label_nc)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def _forward(self, x: Tensor, label: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers[0](self.in_norm(x, label))
+        h = self.in_layers[1](_resample(h, self.resample))
+        x = _resample(x, self.resample)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_norm(h, label) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + emb_out, label)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class AttentionBlock(_Checkpointed):
+    """Self-attention over all positions with heads of `num_head_channels` (spec 2).
+
+    Parameters keep SDM's legacy QKV layout: `qkv` is a 1x1 Conv1d to 3C channels ordered
+    head-major, [q_h | k_h | v_h] per head (`QKVAttentionLegacy`: heads are split before q/k/v).
+    SDM scales q and k each by ch**-1/4 before the product, which is the standard 1/sqrt(ch)
+    of `scaled_dot_product_attention`; the softmax and weighted sum are the same maths.
+    """
+
+    def __init__(self, channels: int, num_head_channels: int, use_checkpoint: bool = False) -> None:
+        super().__init__()
+        if channels % num_head_channels:
+            raise ValueError(f"{channels} channels do not split into heads of {num_head_channels}")
+        self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = _norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        t = x.shape[-1]
+        qkv = self.qkv(self.norm(x))
+        # (B, H*3*ch, T) -> (B, H, 3, T, ch): the legacy head-major split
+        q, k, v = qkv.reshape(b, self.num_heads, 3, c // self.num_heads, t).transpose(-1, -2).unbind(2)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, ch)
+        a = a.transpose(-1, -2).reshape(b, c, t)
+        return (x + self.proj_out(a)).reshape(b, c, *spatial)
+
+
+class Downsample(nn.Module):
+    """Strided 3x3 conv down-sampler, used only when `resblock_updown` is False (SDM conv_resample)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest x2 then 3x3 conv, used only when `resblock_updown` is False (SDM conv_resample)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: SDM blocks (h, label, emb), res-blocks
+    (h, emb), anything else h alone. Keeps SDM's `<blocks>.i.j` parameter names."""
+
+    def forward(self, h: Tensor, label: Tensor, emb: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            if isinstance(layer, SDMResBlock):
+                h = layer(h, label, emb)
+            elif isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            else:
+                h = layer(h)
+        return h
+
+
+# --------------------------------------------------------------------------------------------
+# the network
+
+
+class UNetModel(nn.Module):
+    """The SDM U-Net (spec 2). `forward(x, timesteps, y)` -> (B, out_channels, H, W).
+
+    Module tree (names equal the official ones): `time_embed`, `input_blocks` (stem conv, then per
+    level `num_res_blocks` ResBlocks [+ attention] and a down-sampling ResBlock except at the last
+    level), `middle_block` (SDMResBlock, attention, SDMResBlock), `output_blocks` (per level in
+    reverse, `num_res_blocks + 1` SDMResBlocks on [features | encoder skip] [+ attention], an
+    up-sampling SDMResBlock after the last one except at level 0), `out` (GroupNorm32, SiLU,
+    zero-initialised conv).
+    """
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
+        attention_ds = cfg.attention_ds
+
+        def res(ch_in: int, ch_out: int, resample: str | None = None) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, ch_out, cfg.dropout, cfg.use_scale_shift_norm,
+                            resample, cfg.use_checkpoint)
+
+        def sdm(ch_in: int, ch_out: int, resample: str | None = None) -> SDMResBlock:
+            return SDMResBlock(ch_in, emb_dim, ch_out, cfg.label_nc, cfg.dropout,
+                               cfg.use_scale_shift_norm, resample, cfg.use_checkpoint)
+
+        def attn(ch: int) -> AttentionBlock:
+            return AttentionBlock(ch, cfg.num_head_channels, cfg.use_checkpoint)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        ch = cfg.channel_mult[0] * mc
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))]
+        )
+        skip_chans = [ch]
+        ds = 1
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * mc)]
+                ch = mult * mc
+                if ds in attention_ds:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != last:
+                down = res(ch, ch, "down") if cfg.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        # spec 2: the label enters in the middle block and the decoder only
+        self.middle_block = TimestepEmbedSequential(sdm(ch, ch), attn(ch), sdm(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [sdm(ch + skip_chans.pop(), mult * mc)]
+                ch = mult * mc
+                if ds in attention_ds:
+                    layers.append(attn(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(sdm(ch, ch, "up") if cfg.resblock_updown else Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(
+            _norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        )
+
+    def set_checkpointing(self, enabled: bool) -> None:
+        """Turn activation checkpointing of every res-block and attention block on or off."""
+        for module in self.modules():
+            if isinstance(module, _Checkpointed):
+                module.use_checkpoint = enabled
+
+    def forward(self, x: Tensor, timesteps: Tensor, y: Tensor) -> Tensor:
+        """x (B, in_channels, H, W), timesteps (B,) original steps, y (B, label_nc, H, W).
+
+        Returns (B, out_channels, H, W) in x's dtype: eps then the variance value v.
+        """
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        b, _, height, width = x.shape
+        factor = 2 ** (len(cfg.channel_mult) - 1)
+        if height % factor or width % factor:
+            raise ValueError(f"H, W = {height}, {width} must be divisible by {factor} for this U-Net")
+        if tuple(y.shape) != (b, cfg.label_nc, height, width):
+            raise ValueError(
+                f"y must be (B, label_nc, H, W) = {(b, cfg.label_nc, height, width)}, got {tuple(y.shape)}"
+            )
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(b)
+        if tuple(timesteps.shape) != (b,):
+            raise ValueError(f"timesteps must be (B,) = ({b},), got {tuple(timesteps.shape)}")
+
+        emb = self.time_embed(timestep_embedding(timesteps, cfg.model_channels))
+        y = y.to(x.dtype)
+        h = x
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, y, emb)
+            skips.append(h)
+        h = self.middle_block(h, y, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), y, emb)
+        return self.out(h).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# size and cost
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (all of them; the U-Net has no frozen ones)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def estimate_macs(config: UNetConfig, batch: int = 1, image_size: int | None = None) -> int:
+    """Analytic multiply-accumulate count of one forward pass of `UNetModel(config)`.
+
+    Counts convolutions, linears and the two attention matmuls (QK^T and AV); biases,
+    norms, activations and resampling are left out (they are memory-bound, not MAC-bound).
+    `image_size` defaults to `config.image_size`; square inputs.
+    """
+    cfg = config
+    size = cfg.image_size if image_size is None else image_size
+    factor = 2 ** (len(cfg.channel_mult) - 1)
+    if size % factor:
+        raise ValueError(f"image_size {size} is not divisible by {factor}")
+    mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
+    attention_ds = cfg.attention_ds
+    film = 2 if cfg.use_scale_shift_norm else 1
+
+    def conv(c_in: int, c_out: int, k: int, s: int) -> int:
+        return c_in * c_out * k * k * s * s
+
+    def spade(c: int, s: int) -> int:
+        return conv(cfg.label_nc, SPADE_HIDDEN, 3, s) + 2 * conv(SPADE_HIDDEN, c, 3, s)
+
+    def block(c_in: int, c_out: int, s_in: int, s_out: int, label: bool) -> int:
+        macs = conv(c_in, c_out, 3, s_out) + emb_dim * film * c_out + conv(c_out, c_out, 3, s_out)
+        if c_in != c_out:
+            macs += conv(c_in, c_out, 1, s_out)
+        if label:
+            macs += spade(c_in, s_in) + spade(c_out, s_out)
+        return macs
+
+    def attention(c: int, s: int) -> int:
+        t = s * s
+        return 3 * c * c * t + c * c * t + 2 * t * t * c
+
+    total = mc * emb_dim + emb_dim * emb_dim
+    ch = cfg.channel_mult[0] * mc
+    total += conv(cfg.in_channels, ch, 3, size)
+    skip_chans = [ch]
+    ds, s = 1, size
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            total += block(ch, mult * mc, s, s, label=False)
+            ch = mult * mc
+            if ds in attention_ds:
+                total += attention(ch, s)
+            skip_chans.append(ch)
+        if level != last:
+            total += block(ch, ch, s, s // 2, False) if cfg.resblock_updown else conv(ch, ch, 3, s // 2)
+            skip_chans.append(ch)
+            ds, s = ds * 2, s // 2
+    total += 2 * block(ch, ch, s, s, label=True) + attention(ch, s)
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks + 1):
+            total += block(ch + skip_chans.pop(), mult * mc, s, s, label=True)
+            ch = mult * mc
+            if ds in attention_ds:
+                total += attention(ch, s)
+            if level and i == cfg.num_res_blocks:
+                total += block(ch, ch, s, 2 * s, True) if cfg.resblock_updown else conv(ch, ch, 3, 2 * s)
+                ds, s = ds // 2, s * 2
+    total += conv(ch, cfg.out_channels, 3, size)
+    return batch * total
+
+
+def estimate_flops(config: UNetConfig, batch: int = 1, image_size: int | None = None) -> int:
+    """Floating-point operations of one forward pass: 2 x `estimate_macs` (one multiply plus one
+    add per MAC, the convention of `torch.utils.flop_counter`). Divide by seconds for FLOP/s."""
+    return 2 * estimate_macs(config, batch, image_size)
+
+
+def build_unet(config: UNetConfig, device: str | torch.device = "cpu") -> UNetModel:
+    """`UNetModel(config)` created directly on `device` (use "meta" to inspect shapes for free)."""
+    with torch.device(device):
+        return UNetModel(config)
+
+
+def unet_summary(config: UNetConfig) -> dict[str, Any]:
+    """Parameter count and forward cost at the config's image size, for logs and benchmarks."""
+    model = build_unet(config, "meta")
+    return {
+        "parameters": count_parameters(model),
+        "forward_gflops_per_sample": estimate_flops(config) / 1e9,
+    }
+
+
+__all__: list[str] = [
+    "UNetConfig",
+    "UNetModel",
+    "ResBlock",
+    "SDMResBlock",
+    "SPADEGroupNorm",
+    "AttentionBlock",
+    "GroupNorm32",
+    "timestep_embedding",
+    "count_parameters",
+    "estimate_macs",
+    "estimate_flops",
+    "build_unet",
+    "unet_summary",
+]
