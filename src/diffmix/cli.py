@@ -41,7 +41,7 @@ _register_all()
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, print user errors without a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except DiffMixError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -57,3 +57,5 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo("aborted", err=True)
             sys.exit(130)
         raise
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

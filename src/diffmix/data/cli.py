@@ -1,9 +1,79 @@
-"""Commands of the `data` area."""
+"""Commands of the data area: `diffmix inspect` and `diffmix toy-data`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+from diffmix.data.io import Dataset, scan_dataset
+
+
+def imbalance_table(dataset: Dataset) -> list[tuple[int, str, int, float]]:
+    """(class id, name, nuclei, proportion) per class of the scheme, in id order."""
+    counts = dataset.class_counts()
+    total = sum(counts.values())
+    return [
+        (cls, dataset.scheme.class_name(cls), counts.get(cls, 0), counts.get(cls, 0) / total if total else 0.0)
+        for cls in dataset.scheme.class_ids
+    ]
+
+
+def format_inspection(dataset: Dataset, problems: list[str]) -> str:
+    """The human-readable report of `diffmix inspect`."""
+    lines = [f"dataset: {dataset.root}", f"scheme:  {dataset.scheme.name} (K={dataset.scheme.num_classes}, "
+             f"minor class {dataset.scheme.minor_class} {dataset.scheme.class_name(dataset.scheme.minor_class)})"]
+    sizes: dict[tuple[int, int], int] = {}
+    for s in dataset:
+        sizes[s.shape] = sizes.get(s.shape, 0) + 1
+    size_text = ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(sizes.items())) or "-"
+    lines.append(f"images:  {len(dataset)} valid; sizes {size_text}")
+    lines.append("")
+    lines.append(f"{'id':>3}  {'class':<16}{'nuclei':>8}  {'share':>7}")
+    table = imbalance_table(dataset)
+    for cls, name, n, share in table:
+        mark = "  <- minor" if cls == dataset.scheme.minor_class else ""
+        lines.append(f"{cls:>3}  {name:<16}{n:>8}  {share:>7.2%}{mark}")
+    lines.append(f"{'':>3}  {'total':<16}{sum(r[2] for r in table):>8}")
+    lines.append("")
+    if problems:
+        lines.append(f"{len(problems)} problem(s):")
+        lines.extend(f"  - {p}" for p in problems)
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the main `diffmix` app."""
+    """Add `inspect` and `toy-data` to the main `diffmix` app."""
+
+    @app.command("inspect")
+    def inspect_cmd(
+        dataset: Path = typer.Argument(..., help="Dataset folder (CoNSeP layout, flat .png+.npy, or PanNuke)."),
+        scheme: Optional[str] = typer.Option(
+            None, help="Class scheme for raw labels: consep, glysac, pannuke or a YAML file "
+            "(default: the folder's dataset.json, else consep)."
+        ),
+    ) -> None:
+        """Per-class nucleus counts (the imbalance table), image sizes and every validation problem."""
+        ds, problems = scan_dataset(dataset, scheme)
+        typer.echo(format_inspection(ds, problems))
+        if problems:
+            raise typer.Exit(1)
+
+    @app.command("toy-data")
+    def toy_data_cmd(
+        out: Path = typer.Argument(..., help="Output dataset folder (must not exist or be empty)."),
+        n_images: int = typer.Option(8, min=1, help="Number of tiles."),
+        size: int = typer.Option(256, min=64, help="Tile side in pixels."),
+        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+        rare_fraction: float = typer.Option(
+            0.035, min=0.0, max=0.5, help="Share of nuclei in the rare class 1 (miscellaneous)."
+        ),
+    ) -> None:
+        """Write a procedurally generated H&E-like dataset (CoNSeP layout, merged 4 classes)."""
+        from diffmix.data.toy import write_toy_dataset
+
+        path = write_toy_dataset(out, n_images=n_images, size=size, seed=seed, rare_fraction=rare_fraction)
+        typer.echo(f"wrote {n_images} toy tiles to {path}")

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from diffmix.data.sample import NucleiSample, as_label_map, inst_centroids, remap_ids, validation_problems
-from diffmix.data.schemes import PANNUKE, ClassScheme, get_scheme
+from diffmix.data.schemes import CONSEP, PANNUKE, ClassScheme, get_scheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
 from diffmix.runs import atomic_path, atomic_write_text
 
@@ -300,7 +300,7 @@ def _resolve_scheme(
     if meta is not None and requested is None:
         requested = ClassScheme.from_json(meta["scheme"], where=str(root / DATASET_JSON))
     if requested is None:
-        requested = default if default is not None else get_scheme("consep")
+        requested = default if default is not None else CONSEP
     return requested, True
 
 
@@ -446,8 +446,9 @@ def read_dataset(path: str | Path, scheme: str | Path | ClassScheme | None = Non
 
     `scheme` (name, YAML path or ClassScheme) says how raw class ids merge. It is ignored for
     folders diffmix wrote (already merged, `dataset.json`) unless it names a different scheme,
-    which raises: a merge is applied exactly once. Raw folders default to `consep`; PanNuke
-    arrays to `pannuke`.
+    which raises: a merge is applied exactly once. Raw folders default to `consep`, HoVer-Net
+    HxWx5 patches to merged CoNSeP classes (they are merged when extracted), PanNuke arrays
+    to `pannuke`.
     """
     dataset, _ = _read(path, scheme, strict=True)
     return dataset
@@ -462,9 +463,11 @@ def _read(path: str | Path, scheme: str | Path | ClassScheme | None, strict: boo
     if pannuke is not None:
         resolved, _ = _resolve_scheme(root, None, scheme, PANNUKE)
         return _read_pannuke(root, *pannuke, resolved), []
-    resolved, must_merge = _resolve_scheme(root, meta, scheme, None)
-    merged_scheme = resolved.merged() if must_merge else resolved
     pairs, layout = _pair_files(root)
+    # HoVer-Net training patches carry merged types already (extract_patches.py merges).
+    default = CONSEP.merged() if layout == "hovernet-npy" else CONSEP
+    resolved, must_merge = _resolve_scheme(root, meta, scheme, default)
+    merged_scheme = resolved.merged() if must_merge else resolved
     samples: list[NucleiSample] = []
     problems: list[str] = []
     for name, image_path, label_path in pairs:
