@@ -1,0 +1,220 @@
+"""Training items for the segmenter: mixed original + synthetic datasets -> augmented patches + targets.
+
+An item is fully determined by (seed, epoch, position): its crop offset, dihedral element and
+colour jitter come from `numpy.random.default_rng([seed, epoch, position])`. Nothing about the
+data stream is stateful, so a resumed run (any step, any number of ranks) draws exactly the
+patches the uninterrupted run would have drawn, without saving loader state.
+
+Mixing (the pipeline issue decides the sizes): each source is a `Dataset` with an optional
+sample count. `count=None` uses every sample of the source once per epoch; `count=n` uses n
+samples, drawn once per run without replacement (with replacement only beyond the source's
+size), so e.g. "original + 500 synthetic patches" is one list of sources.
+
+Patch geometry per model (see `diffmix.seg.models`): the patch is the model's `input_size`
+(256 for hovernet-fast, 270 for hovernet-original) or the configured `patch_size` for the small
+net; targets are centre-cropped by `crop_margin`. Sources smaller than the patch (256 synthetic
+patches for a 270-input model) are mirror-padded (image reflected, labels padded with
+background, so no nucleus is duplicated; the padded band lies outside the 80x80 output window).
+
+Augmentation (a light version of hovernet_notes section 3): the 8 dihedral flips/rotations of
+`diffmix.data.patches`, then colour jitter (brightness, contrast, saturation, each uniform in
++-`colour_jitter`). The official affine warp, blur/noise and hue jitter are not applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from diffmix.data.io import Dataset
+from diffmix.data.patches import dihedral_arrays
+from diffmix.data.sample import NucleiSample
+from diffmix.errors import ClassSchemeError, ConfigError
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of the training mix; `count` None = every sample once per epoch."""
+
+    dataset: Dataset
+    count: int | None = None
+    label: str = ""
+
+
+def mix_plan(sources: Sequence[Source], seed: int) -> list[tuple[int, int]]:
+    """The (source index, sample index) pairs one epoch iterates over (before shuffling)."""
+    plan: list[tuple[int, int]] = []
+    for si, src in enumerate(sources):
+        n = len(src.dataset)
+        if n == 0:
+            raise ConfigError(f"training source {src.label or si} holds no samples")
+        if src.count is None:
+            plan.extend((si, i) for i in range(n))
+            continue
+        if src.count < 0:
+            raise ConfigError(f"training source {src.label or si}: sample count must be >= 0, got {src.count}")
+        rng = np.random.default_rng([seed, 7919, si])
+        reps = -(-src.count // n)  # without replacement first, repeat only past the source size
+        order = np.concatenate([rng.permutation(n) for _ in range(reps)])[: src.count]
+        plan.extend((si, int(i)) for i in order)
+    if not plan:
+        raise ConfigError("the training mix is empty (every source has count 0)")
+    return plan
+
+
+def check_schemes(sources: Sequence[Source]) -> int:
+    """K shared by every source; mixing datasets of different class schemes is refused."""
+    ks = {(s.dataset.scheme.name, s.dataset.scheme.num_classes) for s in sources}
+    nums = {k for _, k in ks}
+    if len(nums) != 1:
+        raise ClassSchemeError(
+            "training datasets use different class schemes "
+            f"({sorted(ks)}); synthetic data must be written in the original's scheme"
+        )
+    return nums.pop()
+
+
+def pad_to(sample: NucleiSample, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, inst_map, type_map) padded to at least size x size, centred: image mirrored
+    (reflect; symmetric when the pad exceeds the image), labels with background."""
+    h, w = sample.inst_map.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not ph and not pw:
+        return sample.image, sample.inst_map, sample.type_map
+    pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+    mode = "reflect" if ph < h and pw < w else "symmetric"
+    image = np.pad(sample.image, pads + ((0, 0),), mode=mode)
+    return image, np.pad(sample.inst_map, pads), np.pad(sample.type_map, pads)
+
+
+def colour_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """float32 (H,W,3) in [0,1] -> jittered copy: brightness +-s, contrast and saturation x(1+-s)."""
+    if strength <= 0:
+        return image
+    b, c, s = rng.uniform(-strength, strength, size=3)
+    out = image + b
+    mean = out.mean()
+    out = (out - mean) * (1.0 + c) + mean
+    grey = out.mean(axis=2, keepdims=True)
+    out = (out - grey) * (1.0 + s) + grey
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+class PatchItems(torch.utils.data.Dataset):
+    """Epoch-indexed training items: `item(epoch, position)` -> dict of tensors.
+
+    Returns image float32 (3,H,W) in [0,1], np int64 (h,w), hv float32 (2,h,w), tp int64 (h,w)
+    with H = `patch_size` and h = H - 2 * `crop_margin` (`diffmix.seg.targets.make_targets`).
+    As a torch Dataset it serves the epoch set by `set_epoch`, indexed by position.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        patch_size: int,
+        crop_margin: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+        jitter: float = 0.1,
+        samples_per_epoch: int | None = None,
+    ) -> None:
+        self.sources = list(sources)
+        self.num_classes = check_schemes(self.sources)
+        self.plan = mix_plan(self.sources, seed)
+        self.patch_size = int(patch_size)
+        self.crop_margin = int(crop_margin)
+        if self.patch_size - 2 * self.crop_margin <= 0:
+            raise ConfigError(f"patch size {patch_size} leaves no output after cropping {crop_margin} px per side")
+        self.seed = int(seed)
+        self.augment = augment
+        self.jitter = float(jitter)
+        self.samples_per_epoch = samples_per_epoch
+        self.epoch = 0
+        self._orders: dict[int, np.ndarray] = {}
+
+    def epoch_length(self) -> int:
+        return self.samples_per_epoch or len(self.plan)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Plan indices of one epoch: a permutation of the plan, or `samples_per_epoch` draws
+        (whole permutations concatenated, so every sample appears before any repeats)."""
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, 104729, epoch])
+            n = self.epoch_length()
+            reps = -(-n // len(self.plan))
+            self._orders = {epoch: np.concatenate([rng.permutation(len(self.plan)) for _ in range(reps)])[:n]}
+        return self._orders[epoch]
+
+    def rank_positions(self, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Positions this rank trains on in `epoch` (DistributedSampler-style: the epoch's list,
+        padded by wrap-around to a multiple of world_size, dealt round-robin)."""
+        n = self.epoch_length()
+        per_rank = -(-n // world_size)
+        positions = [p % n for p in range(per_rank * world_size)]
+        return positions[rank::world_size]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.epoch_length()
+
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return self.item(self.epoch, int(position))
+
+    def item(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
+        from diffmix.seg.targets import make_targets
+
+        order = self.epoch_order(epoch)
+        si, index = self.plan[int(order[position])]
+        sample = self.sources[si].dataset.samples[index]
+        rng = np.random.default_rng([self.seed, epoch, position])
+        size = self.patch_size
+        image, inst_map, type_map = pad_to(sample, size)
+        h, w = inst_map.shape
+        y = int(rng.integers(0, h - size + 1))
+        x = int(rng.integers(0, w - size + 1))
+        win = (slice(y, y + size), slice(x, x + size))
+        image, inst_map, type_map = image[win], inst_map[win], type_map[win]
+        k = int(rng.integers(0, 8)) if self.augment else 0
+        image, inst_map, type_map = dihedral_arrays(k, image, inst_map, type_map)
+        img = image.astype(np.float32) / 255.0
+        if self.augment:
+            img = colour_jitter(img, self.jitter, rng)
+        out = size - 2 * self.crop_margin
+        targets = make_targets(inst_map, type_map, out_size=out if self.crop_margin else None)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "np": torch.from_numpy(targets["np"]).long(),
+            "hv": torch.from_numpy(targets["hv"]).float(),
+            "tp": torch.from_numpy(targets["tp"]).long(),
+        }
+
+
+class _Positions(torch.utils.data.Dataset):
+    """A fixed list of positions of one epoch, as a torch Dataset (what the DataLoader walks)."""
+
+    def __init__(self, items: PatchItems, epoch: int, positions: Sequence[int]) -> None:
+        self.items, self.epoch, self.positions = items, epoch, list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items.item(self.epoch, self.positions[i])
+
+
+def epoch_loader(
+    items: PatchItems, epoch: int, positions: Sequence[int], batch_size: int, num_workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """Batches over `positions` in order (drop_last, as hover_net's training loader)."""
+    return torch.utils.data.DataLoader(
+        _Positions(items, epoch, positions),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=True,
+        num_workers=num_workers,
+    )
