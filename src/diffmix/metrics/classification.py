@@ -37,6 +37,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from diffmix.errors import DataError
+from diffmix.metrics.instance import _as_ids, _compact
 
 #: The official pairing radius in pixels (compute_stats.py: `pair_coordinates(..., 12)`).
 PAIR_RADIUS = 12.0
@@ -171,8 +172,6 @@ def instance_types_centroids(
     inst = np.asarray(inst_map)
     if inst.ndim != 2:
         raise DataError(f"inst_map must be HxW, got shape {inst.shape}")
-    from diffmix.metrics.instance import _as_ids, _compact
-
     flat = _as_ids(inst, "inst_map")
     ids, area, idx = _compact(flat)
     n = ids.size
