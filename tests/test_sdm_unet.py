@@ -1,0 +1,344 @@
+"""SDM U-Net (spec 2): official parameter layout, attention maths, conditioning paths, cost."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffmix.sdm.unet import (
+    AttentionBlock,
+    GroupNorm32,
+    SPADEGroupNorm,
+    UNetConfig,
+    UNetModel,
+    build_unet,
+    count_parameters,
+    estimate_flops,
+    estimate_macs,
+    timestep_embedding,
+)
+
+MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "spec" / "sdm_state_dict_manifest.json"
+
+# 16 px, 32 channels, two levels (16, 8), attention on the 8x8 maps with 4 heads of 16: every
+# kind of block, at a cost the shared 2-core test machine can afford
+TINY = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+            attention_resolutions=(8,), num_head_channels=16, label_nc=6)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convs run fastest single-threaded, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny(**overrides) -> UNetConfig:
+    return UNetConfig(**(TINY | overrides))
+
+
+def _randomised(config: UNetConfig, seed: int = 0) -> UNetModel:
+    """A model whose zero-initialised convs are made non-zero, so every path carries signal."""
+    torch.manual_seed(seed)
+    model = UNetModel(config)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / math.sqrt(max(p[0].numel(), 1))))
+    return model.eval()
+
+
+def _inputs(config: UNetConfig, batch: int = 2, size: int | None = None, seed: int = 0):
+    size = size or config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, size, size, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    y = (torch.rand(batch, config.label_nc, size, size, generator=gen) > 0.7).float()
+    return x, t, y
+
+
+# ------------------------------------------------------------------ parameter layout
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("consep_256", UNetConfig.paper(6)),
+        ("glysac_256", UNetConfig.paper(5)),
+        ("small_64", UNetConfig.small(6)),
+    ],
+)
+def test_state_dict_equals_official_manifest(name: str, config: UNetConfig) -> None:
+    if not MANIFEST.is_file():
+        pytest.skip(f"state-dict manifest not found at {MANIFEST} (shared spec folder absent)")
+    entry = json.loads(MANIFEST.read_text())[name]
+    assert config.label_nc == entry["label_channels"]
+    assert list(config.channel_mult) == entry["channel_mult"]
+    model = build_unet(config, "meta")
+    ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    official = [(k, list(v)) for k, v in entry["state_dict"].items()]
+    missing = sorted(set(dict(official)) - set(dict(ours)))
+    unexpected = sorted(set(dict(ours)) - set(dict(official)))
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    assert ours == official  # same names, same shapes, same order
+    assert count_parameters(model) == entry["num_parameters"]
+
+
+def test_paper_parameter_counts() -> None:
+    consep = build_unet(UNetConfig.paper(6), "meta")
+    glysac = build_unet(UNetConfig.paper(5), "meta")
+    assert count_parameters(consep) == 652_256_518
+    assert count_parameters(glysac) == 652_198_918
+    # spec 2: about 99.5 M of them are in the SPADE layers
+    spade = lambda m: sum(p.numel() for n, p in m.named_parameters() if "_norm.mlp_" in n)  # noqa: E731
+    assert spade(consep) == 99_528_448
+    assert spade(glysac) == 99_470_848
+    # the label enters only the middle block and the decoder
+    assert not any("mlp_shared" in n for n, _ in consep.named_parameters() if n.startswith("input_blocks"))
+
+
+def test_tiny_config_size_matches_calibration() -> None:
+    assert count_parameters(build_unet(UNetConfig.tiny(6), "meta")) == 4_904_262
+
+
+# ------------------------------------------------------------------ building blocks
+
+
+def _legacy_attention(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """SDM's QKVAttentionLegacy from its definition: heads split before q/k/v, q and k each
+    scaled by ch**-1/4, softmax over keys, weighted sum of values."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * n_heads)
+    q, k, v = qkv.reshape(bs * n_heads, ch * 3, length).split(ch, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale).softmax(dim=-1)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+
+
+@pytest.mark.parametrize("channels, head_channels, spatial", [(64, 16, (8, 8)), (96, 32, (4, 6)), (32, 32, (5, 5))])
+def test_sdpa_attention_equals_legacy_einsum(channels: int, head_channels: int, spatial: tuple[int, int]) -> None:
+    torch.manual_seed(1)
+    block = AttentionBlock(channels, head_channels)
+    with torch.no_grad():
+        for p in block.parameters():  # proj_out is zero-initialised: make it count
+            p.copy_(torch.randn_like(p) * 0.2)
+    x = torch.randn(3, channels, *spatial)
+    flat = x.reshape(3, channels, -1)
+    qkv = block.qkv(block.norm(flat))
+    expected = (flat + block.proj_out(_legacy_attention(qkv, channels // head_channels))).reshape(x.shape)
+    got = block(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert block.num_heads == channels // head_channels
+
+
+def test_spade_groupnorm_matches_definition() -> None:
+    torch.manual_seed(2)
+    spade = SPADEGroupNorm(64, label_nc=5)
+    x = torch.randn(2, 64, 8, 8) * 3 + 1
+    label = torch.randn(2, 5, 32, 32)
+    # nearest resize 32 -> 8 keeps every 4th pixel starting at 0
+    small = label[:, :, ::4, ::4]
+    groups = x.reshape(2, 32, -1)
+    normed = ((groups - groups.mean(-1, keepdim=True)) / torch.sqrt(groups.var(-1, unbiased=False, keepdim=True) + 1e-5)).reshape(x.shape)
+    actv = F.relu(F.conv2d(small, spade.mlp_shared[0].weight, spade.mlp_shared[0].bias, padding=1))
+    gamma = F.conv2d(actv, spade.mlp_gamma.weight, spade.mlp_gamma.bias, padding=1)
+    beta = F.conv2d(actv, spade.mlp_beta.weight, spade.mlp_beta.bias, padding=1)
+    torch.testing.assert_close(spade(x, label), normed * (1 + gamma) + beta, atol=1e-5, rtol=1e-5)
+    assert not any(n.startswith("norm.") for n, _ in spade.named_parameters())  # affine=False
+
+
+def test_timestep_embedding_values() -> None:
+    emb = timestep_embedding(torch.tensor([0, 7]), 8)
+    assert emb.shape == (2, 8) and emb.dtype == torch.float32
+    assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # [cos | sin] at t=0
+    freqs = np.exp(-math.log(10000.0) * np.arange(4) / 4)
+    expected = np.concatenate([np.cos(7 * freqs), np.sin(7 * freqs)])
+    np.testing.assert_allclose(emb[1].numpy(), expected, atol=1e-6)
+    assert timestep_embedding(torch.tensor([3.0]), 5).shape == (1, 5)  # odd width padded
+
+
+def test_groupnorm32_computes_in_fp32() -> None:
+    norm = GroupNorm32(32, 64)
+    x = (torch.randn(2, 64, 4, 4) * 100 + 1000).bfloat16()
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, F.group_norm(x.float(), 32, norm.weight, norm.bias).bfloat16())
+
+
+# ------------------------------------------------------------------ the network
+
+
+def test_fresh_model_predicts_zero_with_learned_sigma_channels() -> None:
+    config = _tiny()
+    torch.manual_seed(0)
+    model = UNetModel(config)
+    x, t, y = _inputs(config)
+    out = model(x, t, y)
+    assert out.shape == (2, 6, 16, 16) and out.dtype == torch.float32
+    assert torch.count_nonzero(out) == 0  # zero-initialised output conv (spec 2)
+    for name in ("out.2.weight", "input_blocks.1.0.out_layers.3.weight",
+                 "output_blocks.0.0.out_layers.2.weight", "middle_block.1.proj_out.weight"):
+        assert torch.count_nonzero(model.state_dict()[name]) == 0, name
+
+
+def test_label_enters_decoder_only() -> None:
+    config = _tiny()
+    model = _randomised(config)
+    x, t, y1 = _inputs(config, seed=3)
+    y2 = torch.zeros_like(y1)  # the null label
+    encoder_outputs: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, i, o: encoder_outputs.append(o)) for b in model.input_blocks]
+    with torch.no_grad():
+        out1, out2 = model(x, t, y1), model(x, t, y2)
+    for h in hooks:
+        h.remove()
+    n = len(model.input_blocks)
+    for a, b in zip(encoder_outputs[:n], encoder_outputs[n:]):
+        assert torch.equal(a, b)  # label-free encoder
+    assert (out1 - out2).abs().mean() > 1e-3  # but the output follows the label
+
+
+def test_timestep_changes_output_and_batch_is_independent() -> None:
+    config = _tiny()
+    model = _randomised(config)
+    x, t, y = _inputs(config, batch=3, seed=4)
+    with torch.no_grad():
+        full = model(x, t, y)
+        single = model(x[1:2], t[1:2], y[1:2])
+        other_t = model(x, (t + 100) % 1000, y)
+        scalar_t = model(x, torch.tensor(5), y)
+        per_sample_t = model(x, torch.full((3,), 5), y)
+    torch.testing.assert_close(full[1:2], single, atol=1e-5, rtol=1e-4)
+    assert (full - other_t).abs().mean() > 1e-4
+    torch.testing.assert_close(scalar_t, per_sample_t)
+
+
+def test_runs_at_other_sizes_than_image_size() -> None:
+    config = _tiny()
+    model = _randomised(config)
+    x, t, y = _inputs(config, batch=1, size=24)
+    with torch.no_grad():
+        assert model(x, t, y).shape == (1, 6, 24, 24)
+
+
+def test_gradient_checkpointing_gives_same_outputs_and_grads() -> None:
+    config = _tiny(dropout=0.1)
+    plain = _randomised(config).train()
+    ckpt = UNetModel(config.model_copy(update={"use_checkpoint": True})).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, y = _inputs(config, seed=5)
+    results = []
+    for model in (plain, ckpt):
+        torch.manual_seed(11)  # same dropout masks; checkpointing must replay them
+        model.zero_grad()
+        out = model(x, t, y)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-6, rtol=1e-5, msg=name)
+    ckpt.set_checkpointing(False)
+    assert not any(getattr(m, "use_checkpoint", False) for m in ckpt.modules())
+
+
+def test_bf16_autocast_forward_is_close_to_fp32() -> None:
+    config = _tiny()
+    model = _randomised(config)
+    x, t, y = _inputs(config, seed=6)
+    with torch.no_grad():
+        ref = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    rel = (low - ref).norm() / ref.norm()
+    assert rel < 0.05, float(rel)
+
+
+def test_conv_resampling_and_additive_time_embedding_variants() -> None:
+    config = _tiny(resblock_updown=False, use_scale_shift_norm=False)
+    model = _randomised(config)
+    names = model.state_dict()
+    assert "input_blocks.2.0.op.weight" in names  # SDM Downsample(conv) naming
+    assert any(k.endswith(".conv.weight") and k.startswith("output_blocks") for k in names)
+    assert names["input_blocks.1.0.emb_layers.1.weight"].shape == (32, 128)  # C, not 2C
+    x, t, y = _inputs(config, seed=7)
+    with torch.no_grad():
+        assert model(x, t, y).shape == (2, 6, 16, 16)
+
+
+def test_forward_rejects_wrong_shapes() -> None:
+    config = _tiny()
+    model = UNetModel(config)
+    x, t, y = _inputs(config)
+    with pytest.raises(ValueError, match="y must be"):
+        model(x, t, y[:, :5])
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model(x[..., :15, :15], t, y[..., :15, :15])
+    with pytest.raises(ValueError, match="timesteps must be"):
+        model(x, t[:1], y)
+    with pytest.raises(ValueError, match="x must be"):
+        model(x[:, :2], t, y)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(model_channels=40), "not divisible by the 32 GroupNorm groups"),
+        (dict(attention_resolutions=(4,)), "attention resolution 4 is not a feature-map size"),
+        (dict(num_head_channels=24), "not divisible by num_head_channels 24"),
+        (dict(image_size=15), "not divisible by 2\\*\\*\\(levels-1\\)"),
+        (dict(channel_mult=()), "channel_mult must be"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(num_heads=4), "Extra inputs are not permitted"),
+    ],
+)
+def test_config_validation(overrides: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        _tiny(**overrides)
+
+
+def test_config_round_trips_through_json() -> None:
+    config = UNetConfig.small(5)
+    again = UNetConfig.model_validate(json.loads(json.dumps(config.model_dump(mode="json"))))
+    assert again == config and again.attention_ds == frozenset({4, 8})
+    assert UNetConfig.paper(6).attention_ds == frozenset({8, 16, 32})
+
+
+# ------------------------------------------------------------------ cost
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(resblock_updown=False, use_scale_shift_norm=False)])
+def test_flop_estimate_equals_torch_flop_counter(overrides: dict) -> None:
+    config = _tiny(**overrides)
+    model = UNetModel(config).eval()
+    x, t, y = _inputs(config, batch=2, size=16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    assert estimate_flops(config, batch=2, image_size=16) == counter.get_total_flops()
+    assert estimate_flops(config, 2) == 2 * estimate_macs(config, 2)
+
+
+def test_paper_flop_estimate_equals_flop_counter_on_meta_device() -> None:
+    # the full 652 M-parameter forward, shape-only (meta tensors): free, and exact
+    config = UNetConfig.paper(6)
+    model = build_unet(config, "meta")
+    with torch.device("meta"):
+        x, y = torch.empty(1, 3, 256, 256), torch.empty(1, 6, 256, 256)
+        t = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(x, t, y)
+    assert out.shape == (1, 6, 256, 256)
+    assert estimate_flops(config) == counter.get_total_flops() == 3_422_560_223_232
+    assert estimate_macs(config, batch=4) == 4 * estimate_macs(config)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        estimate_macs(config, image_size=100)
