@@ -343,10 +343,10 @@ _E_VECTOR = np.array([0.15, 0.95, 0.32])
 
 # Per-class nuclear stain: (haematoxylin base, eosin, grain amplitude, mottle amplitude, rim).
 _NUCLEUS_LOOK = {
-    INFLAMMATORY: (2.45, 0.15, 0.05, 0.00, 0.00),
-    EPITHELIAL: (0.85, 0.12, 0.25, 0.00, 0.55),
-    SPINDLE: (1.75, 0.15, 0.08, 0.00, 0.00),
-    MISC: (1.30, 0.45, 0.05, 0.30, 0.20),
+    INFLAMMATORY: (2.80, 0.15, 0.05, 0.00, 0.00),
+    EPITHELIAL: (1.15, 0.12, 0.25, 0.00, 0.60),
+    SPINDLE: (2.05, 0.15, 0.08, 0.00, 0.00),
+    MISC: (1.65, 0.45, 0.05, 0.30, 0.20),
 }
 
 
@@ -371,8 +371,8 @@ def _render(
 
     # Background stain: eosin stroma with fibres and low-frequency variation.
     low = _smooth_noise(shape, 30.0, rng)
-    e_bg = 0.34 + 0.07 * low + 0.45 * fibres + 0.04 * _fine_noise(shape, 1.0, rng)
-    h_bg = 0.05 + 0.02 * _smooth_noise(shape, 20.0, rng)
+    e_bg = 0.40 + 0.08 * low + 0.45 * fibres + 0.04 * _fine_noise(shape, 1.0, rng)
+    h_bg = 0.08 + 0.03 * _smooth_noise(shape, 20.0, rng)
 
     # Epithelial cytoplasm: lilac sheet within ~7 px of epithelial nuclei, ragged edge.
     epi = types == EPITHELIAL
@@ -381,7 +381,7 @@ def _render(
         reach = 7.0 + 2.5 * _smooth_noise(shape, 8.0, rng)
         cyto = np.clip((reach - dist) / 2.0, 0.0, 1.0).astype(np.float32)
         mottle = 0.05 * _fine_noise(shape, 1.5, rng)
-        h_bg = h_bg * (1 - cyto) + (0.30 + mottle) * cyto
+        h_bg = h_bg * (1 - cyto) + (0.36 + mottle) * cyto
         e_bg = e_bg * (1 - cyto) + (0.42 + mottle) * cyto
     # White spaces and lumens: little stain left.
     clear = np.clip(lumen.astype(np.float32), 0.0, 1.0)
@@ -416,7 +416,7 @@ def _render(
     e_nuc = per_px[:, 1] * (1 + 0.5 * m)
     # Nucleoli: a small dark, slightly eosinophilic spot in each epithelial nucleus.
     spot = _nucleoli(canvas, depth, rng)[ys, xs]
-    h_nuc += 1.2 * spot
+    h_nuc += 1.5 * spot
     e_nuc += 0.4 * spot
 
     # Composite: outside nuclei the background is untouched; the ring is the 1-px soft edge.
