@@ -1,0 +1,350 @@
+"""diffmix.synth / `diffmix synthesize`: plan, y0, label maps, manifest, exact resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffmix.cli import main
+from diffmix.data.io import read_dataset, read_image, read_mat_labels, write_dataset
+from diffmix.data.patches import crop, grid_offsets
+from diffmix.data.sample import remap_ids
+from diffmix.data.schemes import CONSEP
+from diffmix.data.toy import generate_toy_samples
+from diffmix.errors import CheckpointError, ConfigError, DataError, RunFolderError
+from diffmix.maps.balance import balance_dataset
+from diffmix.runs import save_checkpoint
+from diffmix.sdm.unet import UNetConfig, build_unet
+from diffmix.synth import MANIFEST, RECORDS_DIR, patch_seed, plan_jobs, synthesize
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEME = CONSEP.merged()
+# 2 toy tiles of 96 px whose balancing maps make swaps with border 4 (checked below)
+TOY = dict(n_images=2, size=96, seed=2, rare_fraction=0.15)
+BALANCE = {"border": 4}
+# a few DDIM steps on 32-px patches keep every run to seconds on 2 shared cores
+FAST = dict(patch=32, stride=32, steps=4, start_fraction="0.5", guidance_scale=1.5, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kill test's subprocess runs with OMP_NUM_THREADS=1 too
+    yield
+    torch.set_num_threads(before)
+
+
+def _unet_config(label_nc: int = 6) -> UNetConfig:
+    # one level, no downsampling: the cheapest SDM U-Net (SPADE decoder, middle attention)
+    return UNetConfig(image_size=32, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+                      attention_resolutions=(), num_head_channels=32, label_nc=label_nc)
+
+
+def _save_unet(path: Path, *, randomise: bool, label_nc: int = 6) -> Path:
+    cfg = _unet_config(label_nc)
+    torch.manual_seed(0)
+    model = build_unet(cfg)
+    if randomise:  # every layer (the output conv is zero-initialised) so the net matters
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.05)
+    state = model.state_dict()
+    save_checkpoint(path, {"model": state, "ema": state}, {"unet_config": cfg.model_dump(mode="json"), "num_classes": 4})
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synth") / "toy"
+    write_dataset(root, generate_toy_samples(**TOY), SCHEME, provenance={"test": "synth"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    return _save_unet(tmp_path_factory.mktemp("ckpt") / "random.safetensors", randomise=True)
+
+
+@pytest.fixture(scope="module")
+def zero_ckpt(tmp_path_factory) -> Path:
+    """Default init: the output conv is zero, so the network predicts eps = 0 exactly."""
+    return _save_unet(tmp_path_factory.mktemp("ckpt") / "zero.safetensors", randomise=False)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {f"{d}/{p.name}": p.read_bytes() for d in ("Images", "Labels") for p in sorted((out / d).iterdir())}
+
+
+def _mat_body(data: bytes) -> bytes:
+    # scipy.io.savemat stamps "Created on: <time>" into the 128-byte header; the rest is exact
+    return data[128:]
+
+
+def _assert_same_patches(a: Path, b: Path) -> None:
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name.endswith(".mat"):
+            assert _mat_body(fa[name]) == _mat_body(fb[name]), name
+            la, lb = read_mat_labels(a / name), read_mat_labels(b / name)
+            for key in ("inst_map", "type_map", "inst_type", "inst_centroid"):
+                np.testing.assert_array_equal(la[key], lb[key])
+        else:
+            assert fa[name] == fb[name], name
+
+
+def _run_cli(args: list[str]) -> None:
+    try:
+        main(args)
+    except SystemExit as exc:
+        assert exc.code in (0, None), exc.code
+
+
+def _no_leftovers(out: Path) -> None:
+    assert not (out / RECORDS_DIR).exists()
+    hidden = [p for d in ("Images", "Labels") for p in (out / d).iterdir() if p.name.startswith(".")]
+    assert hidden == []
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def test_patch_seed_depends_on_each_part_only():
+    s = patch_seed(0, "img", 3, "balance")
+    assert s == patch_seed(0, "img", 3, "balance")
+    assert 0 <= s < 2**63
+    others = {patch_seed(1, "img", 3, "balance"), patch_seed(0, "img2", 3, "balance"),
+              patch_seed(0, "img", 4, "balance"), patch_seed(0, "img", 3, "enlarge")}
+    assert s not in others and len(others) == 4
+
+
+def test_plan_jobs_grid_names_and_spread(toy_dir):
+    ds = read_dataset(toy_dir)
+    jobs = plan_jobs(ds, "balance", patch=32, stride=32, seed=5)
+    assert len(jobs) == 2 * 9
+    assert [j.name for j in jobs[:3]] == ["toy_000_000", "toy_000_001", "toy_000_002"]
+    assert jobs[4].offset == (32, 32) and jobs[4].patch_index == 4
+    assert jobs[9].source == "toy_001" and jobs[9].image_index == 1 and jobs[9].offset == (0, 0)
+    assert jobs[9].seed == patch_seed(5, "toy_001", 0, "balance")
+    # spec 5 grid: 256 at 76 on 1000 px = 10 x 10 offsets
+    assert len(grid_offsets(1000, 1000)) == 100
+    both = plan_jobs(ds, "both", patch=32, stride=32, seed=5, max_patches=4)
+    assert [j.kind for j in both] == ["balance"] * 4 + ["enlarge"] * 4
+    assert [j.name for j in both[:4]] == ["toy_000_000_balance", "toy_000_004_balance",
+                                          "toy_001_000_balance", "toy_001_004_balance"]
+    assert {j.source for j in both[4:]} == {"toy_000", "toy_001"}
+    with pytest.raises(ConfigError, match="--maps"):
+        plan_jobs(ds, "gradmix")
+    with pytest.raises(DataError, match="smaller than"):
+        plan_jobs(ds, "balance", patch=128)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_y0_is_the_original_patch(toy_dir, zero_ckpt, tmp_path):
+    """With eps = 0 and a start at t = 0 the sampler returns y0 + 0.01 noise: the original crop."""
+    ds = read_dataset(toy_dir)
+    out = tmp_path / "near"
+    synthesize(ds, zero_ckpt, out, maps="balance", patch=32, stride=32, steps=10, start_fraction="0.1",
+               guidance_scale=1.5, batch_size=5, balance_kwargs=BALANCE, progress=False)
+    synth = read_dataset(out)
+    assert len(synth) == 18
+    for s in synth:
+        src, idx = s.name.rsplit("_", 1)
+        y, x = grid_offsets(96, 96, 32, 32)[int(idx)]
+        original = ds.by_name(src).image[y : y + 32, x : x + 32].astype(int)
+        diff = np.abs(s.image.astype(int) - original)
+        assert diff.max() <= 8 and diff.mean() < 1.5, s.name
+    # from t = 540 the same net returns clip(y0 + 4.3 noise): far from the original
+    far = tmp_path / "far"
+    synthesize(ds, zero_ckpt, far, maps="balance", patch=32, stride=32, steps=10, start_fraction="0.55",
+               guidance_scale=1.0, batch_size=2, max_patches=2, balance_kwargs=BALANCE, progress=False)
+    s = read_dataset(far).by_name("toy_001_000")
+    assert np.abs(s.image.astype(int) - ds.by_name("toy_001").image[:32, :32].astype(int)).mean() > 40
+
+
+def test_balance_labels_counts_and_manifest(toy_dir, random_ckpt, tmp_path):
+    ds = read_dataset(toy_dir)
+    balanced, report = balance_dataset(ds.samples, minor_class=1, seed=7, **BALANCE)
+    assert report.accepted_swaps >= 1
+    out = tmp_path / "bal"
+    rep = synthesize(toy_dir, random_ckpt, out, maps="balance", seed=7, batch_size=18,
+                     balance_kwargs=BALANCE, **{**FAST, "guidance_scale": 1.0})
+    assert rep.n_patches == rep.n_written == 18 and rep.n_skipped == 0
+    assert rep.patches_per_second > 0
+    assert rep.map_reports["balance"]["accepted_swaps"] == report.accepted_swaps
+    synth = read_dataset(out)
+    assert synth.scheme.name == SCHEME.name and synth.meta["merged"] is True
+    before = {c: 0 for c in SCHEME.class_ids}
+    after = {c: 0 for c in SCHEME.class_ids}
+    for j in plan_jobs(ds, "balance", patch=32, stride=32, seed=7):
+        y, x = j.offset
+        orig = crop(ds.samples[j.image_index], y, x, 32)
+        custom = crop(balanced[j.image_index], y, x, 32)
+        got = synth.by_name(j.name)
+        np.testing.assert_array_equal(got.inst_map, remap_ids(custom.inst_map))
+        np.testing.assert_array_equal(got.type_map, custom.type_map)
+        for c, n in orig.class_counts().items():
+            before[c] += n
+        for c, n in custom.class_counts().items():
+            after[c] += n
+    assert rep.class_counts_before["balance"] == before
+    assert rep.class_counts_after["balance"] == after
+    assert after[1] > before[1]  # the swaps made more minor-class nuclei
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["n_patches"] == 18
+    assert manifest["class_counts_after"]["balance"] == {str(c): n for c, n in after.items()}
+    rec = manifest["patches"][4]
+    assert rec["name"] == "toy_000_004" and rec["source_image"] == "toy_000"
+    assert rec["offset"] == [32, 32] and rec["map_kind"] == "balance"
+    assert rec["seed"] == patch_seed(7, "toy_000", 4, "balance")
+    assert rec["sampler"] == {"steps": 4, "start_fraction": "0.5", "guidance_scale": 1.0, "eta": 0.0, "weights": "ema"}
+    import hashlib
+
+    assert rec["checkpoint_sha256"] == hashlib.sha256(random_ckpt.read_bytes()).hexdigest()
+    assert manifest["provenance"]["checkpoint_sha256"] == rec["checkpoint_sha256"]
+    _no_leftovers(out)
+    # a finished folder re-run does nothing and keeps its files
+    files = _files(out)
+    again = synthesize(toy_dir, random_ckpt, out, maps="balance", seed=7, batch_size=3,
+                       balance_kwargs=BALANCE, **{**FAST, "guidance_scale": 1.0})
+    assert again.n_written == 0 and again.n_skipped == 18
+    assert again.class_counts_after == rep.class_counts_after
+    assert _files(out) == files
+    # the same folder with other settings is refused, not overwritten
+    with pytest.raises(RunFolderError, match="different run"):
+        synthesize(toy_dir, random_ckpt, out, maps="balance", seed=8, balance_kwargs=BALANCE, **FAST)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+KILL_SCRIPT = """
+import sys
+from diffmix.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _synth_args(toy_dir: Path, ckpt: Path, out: Path) -> list[str]:
+    return ["synthesize", str(toy_dir), str(ckpt), str(out), "--maps", "balance", "--patch", "32",
+            "--stride", "32", "--steps", "4", "--start-fraction", "0.5", "--batch-size", "2",
+            "--seed", "3", "--max-patches", "10", "--balance", json.dumps(BALANCE), "--quiet"]
+
+
+def test_killed_run_resumes_to_the_exact_bytes(toy_dir, random_ckpt, tmp_path):
+    ref = tmp_path / "ref"
+    _run_cli(_synth_args(toy_dir, random_ckpt, ref))
+    assert len(list((ref / "Images").iterdir())) == 10
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *_synth_args(toy_dir, random_ckpt, out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = out / RECORDS_DIR
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if records.is_dir() and len(list(records.glob("*.json"))) >= 3:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()!r}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = len(list(records.glob("*.json")))
+    assert 3 <= done < 10 and not (out / MANIFEST).exists()
+
+    # a torn state on top: a patch whose files exist but whose record does not (killed between
+    # the label write and the record write), with a wrong image, and a stale temporary file
+    victim = sorted(records.glob("*.json"))[0]
+    name = victim.stem
+    victim.unlink()
+    (out / "Images" / f"{name}.png").write_bytes(b"not a png")
+    (out / "Images" / f".{name}.x1y2.tmp.png").write_bytes(b"half")
+
+    _run_cli(_synth_args(toy_dir, random_ckpt, out))
+    _assert_same_patches(ref, out)
+    _no_leftovers(out)
+    m_ref = json.loads((ref / MANIFEST).read_text())
+    m_out = json.loads((out / MANIFEST).read_text())
+    assert m_out["patches"] == m_ref["patches"]
+    assert len(m_out["patches"]) == 10 and len({r["name"] for r in m_out["patches"]}) == 10
+    assert m_out["class_counts_after"] == m_ref["class_counts_after"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    finished = [r for r in log if r.get("event") == "done"]
+    assert len(finished) == 1  # the killed run never got there
+    assert finished[0]["written"] == 10 - done + 1 and finished[0]["skipped"] == done - 1
+
+
+@pytest.mark.slow  # two torch processes + the launcher: ~10-25 s on 2 shared cores
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed beside this python")
+def test_torchrun_two_processes_split_the_patches(toy_dir, random_ckpt, tmp_path):
+    args = ["--maps", "balance", "--patch", "32", "--stride", "32", "--steps", "2", "--start-fraction", "0.5",
+            "--batch-size", "1", "--seed", "4", "--max-patches", "4", "--balance", json.dumps(BALANCE),
+            "--device", "cpu", "--quiet"]
+    ref = tmp_path / "one"
+    _run_cli(["synthesize", str(toy_dir), str(random_ckpt), str(ref), *args])
+    out = tmp_path / "two"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    script = tmp_path / "run_cli.py"
+    script.write_text(KILL_SCRIPT)
+    res = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script),
+         "synthesize", str(toy_dir), str(random_ckpt), str(out), *args],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_same_patches(ref, out)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sorted({r["rank"] for r in log if "rank" in r}) == [0, 1]
+    assert sum(r["patches"] for r in log if "rank" in r) == 4
+    done = [r for r in log if r.get("event") == "done"]
+    assert done[-1]["world_size"] == 2 and done[-1]["written"] == 4
+    assert json.loads((out / MANIFEST).read_text())["patches"] == json.loads((ref / MANIFEST).read_text())["patches"]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_cli_user_errors_exit_2(toy_dir, random_ckpt, tmp_path, capsys):
+    base = ["synthesize", str(toy_dir), str(random_ckpt)]
+    cases = [
+        (["--maps", "gradmix"], "--maps"),
+        (["--maps", "balance", "--patch", "200"], "smaller than"),
+        (["--maps", "balance", "--start-fraction", "1.5"], "start_fraction"),
+        (["--maps", "balance", "--balance", "[1]"], "JSON object"),
+    ]
+    for k, (extra, msg) in enumerate(cases):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, str(tmp_path / f"o{k}"), *extra])
+        assert exc.value.code == 2
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["synthesize", str(tmp_path / "nope"), str(random_ckpt), str(tmp_path / "o"), "--maps", "balance"])
+    assert exc.value.code == 2 and "not found" in capsys.readouterr().err
+
+
+def test_checkpoint_must_fit_the_scheme(toy_dir, tmp_path):
+    glysac_like = _save_unet(tmp_path / "k3.safetensors", randomise=False, label_nc=5)
+    with pytest.raises(CheckpointError, match="5 label channels"):
+        synthesize(toy_dir, glysac_like, tmp_path / "o", maps="balance", **FAST)
+    with pytest.raises(CheckpointError, match="not found"):
+        synthesize(toy_dir, tmp_path / "missing.safetensors", tmp_path / "o2", maps="balance", **FAST)
