@@ -1,9 +1,194 @@
-"""Commands of the `maps` area."""
+"""Commands of the `maps` area: `diffmix maps balance`, `diffmix maps enlarge`, `diffmix gradmix`.
+
+Each reads a dataset folder, calls one function of `diffmix.maps`, and writes a dataset folder
+(foundation format, `dataset.json` merged, with the parameters, seed and command in its
+provenance). For the label-only maps (balance, enlarge) the images are the originals.
+"""
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+from diffmix.data.schemes import ClassScheme
+from diffmix.errors import ConfigError
+
+maps_app = typer.Typer(
+    name="maps",
+    help="Custom label maps for DiffMix: balancing (GradMix labels) and enlarging (shifted nuclei).",
+    no_args_is_help=True,
+)
+
+
+def resolve_class(scheme: ClassScheme, token: str | int) -> int:
+    """A merged class id from an id ("1") or a class name or unambiguous prefix ("misc").
+
+    Names compare case-insensitively against `scheme.classes`; an exact name wins over prefixes.
+    """
+    text = str(token).strip()
+    if text.lstrip("-").isdigit():
+        cid = int(text)
+        if cid not in scheme.classes:
+            raise ConfigError(f"class {cid} is not one of scheme {scheme.name!r}'s classes {_listing(scheme)}")
+        return cid
+    low = text.lower()
+    exact = [c for c, n in scheme.classes.items() if n.lower() == low]
+    if exact:
+        return exact[0]
+    hits = [c for c, n in scheme.classes.items() if low and n.lower().startswith(low)]
+    if len(hits) == 1:
+        return hits[0]
+    if not hits:
+        raise ConfigError(f"unknown class {text!r} in scheme {scheme.name!r}: use one of {_listing(scheme)}")
+    raise ConfigError(
+        f"class {text!r} is ambiguous in scheme {scheme.name!r}: "
+        f"{', '.join(f'{c}={scheme.classes[c]}' for c in hits)}"
+    )
+
+
+def _listing(scheme: ClassScheme) -> str:
+    return ", ".join(f"{c}={n}" for c, n in sorted(scheme.classes.items()))
+
+
+def parse_distribution(scheme: ClassScheme, items: list[str]) -> dict[int, float] | None:
+    """`["misc=0.25"]` or `["1=0.25,2=0.3"]` -> {class id: proportion}; None when empty."""
+    if not items:
+        return None
+    out: dict[int, float] = {}
+    for item in items:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ConfigError(f"target distribution entry {part!r} must look like CLASS=PROPORTION (e.g. misc=0.25)")
+            name, value = part.split("=", 1)
+            cid = resolve_class(scheme, name)
+            try:
+                p = float(value)
+            except ValueError:
+                raise ConfigError(f"target distribution entry {part!r}: {value!r} is not a number") from None
+            if cid in out:
+                raise ConfigError(f"target distribution gives class {cid} twice")
+            out[cid] = p
+    return out or None
+
+
+def _command(*words: Any) -> str:
+    return "diffmix " + " ".join(shlex.quote(str(w)) for w in words if w is not None and w != "")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the main `diffmix` app."""
+    """Add the `maps` sub-command group and the top-level `gradmix` command."""
+    app.add_typer(maps_app, name="maps")
+
+    @maps_app.command("balance")
+    def balance_cmd(
+        dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
+        out: Path = typer.Argument(..., help="Output dataset folder (must not exist or be empty)."),
+        scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
+        minor_class: Optional[str] = typer.Option(None, help="Class to create: id or name (default: the scheme's minor class)."),
+        fraction: float = typer.Option(0.8, help="Share of eligible non-minor nuclei drawn as targets (spec 6a: 0.8)."),
+        border: float = typer.Option(30.0, help="Centroid border exclusion in px (spec 6a: 30)."),
+        area_ratio: float = typer.Option(2.3, help="Dilated target area must be >= this x source area (spec 6a: 2.3)."),
+        target_distribution: list[str] = typer.Option(
+            [], help="Requested minor-class share, e.g. misc=0.25 or 1=0.25: limits the number of swaps."
+        ),
+        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+        overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    ) -> None:
+        """Balancing maps (GradMix labels, spec 6a); images are the originals, untouched."""
+        from diffmix.data.io import read_dataset, write_dataset
+        from diffmix.maps.balance import balance_dataset
+
+        ds = read_dataset(dataset, scheme)
+        minor = resolve_class(ds.scheme, minor_class) if minor_class is not None else ds.scheme.minor_class
+        dist = parse_distribution(ds.scheme, target_distribution)
+        samples, report = balance_dataset(
+            ds.samples, minor_class=minor, fraction=fraction, border=border, area_ratio=area_ratio,
+            seed=seed, target_distribution=dist,
+        )
+        cmd = _command("maps", "balance", dataset, out, "--minor-class", minor, "--fraction", fraction,
+                       "--border", border, "--area-ratio", area_ratio, "--seed", seed,
+                       *(["--target-distribution", ",".join(f"{k}={v}" for k, v in dist.items())] if dist else []))
+        provenance = dict(kind="balancing-maps", source=str(dataset), command=cmd, seed=seed,
+                          params=report.params, report=report.to_json(), images="original")
+        path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
+        typer.echo(_summary("balancing maps", path, ds.scheme, report))
+
+    @maps_app.command("enlarge")
+    def enlarge_cmd(
+        dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
+        out: Path = typer.Argument(..., help="Output dataset folder of grid patches."),
+        scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
+        patch: int = typer.Option(256, help="Patch size (spec 5: 256)."),
+        stride: int = typer.Option(76, help="Grid stride (spec 5: 76)."),
+        frame: int = typer.Option(32, help="Nuclei touching this border frame stay (spec 6b: 32)."),
+        no_overlap: bool = typer.Option(False, help="Redraw shifts that would touch another nucleus (beyond the paper)."),
+        max_tries: int = typer.Option(10, help="Draws per nucleus in --no-overlap mode before it stays in place."),
+        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+        overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    ) -> None:
+        """Enlarging maps (shifted nuclei, spec 6b) of every grid patch; images are the original patches."""
+        from diffmix.data.io import read_dataset, write_dataset
+        from diffmix.maps.enlarge import enlarge_dataset
+
+        ds = read_dataset(dataset, scheme)
+        samples = enlarge_dataset(ds.samples, patch=patch, stride=stride, seed=seed, no_overlap=no_overlap,
+                                  frame=frame, max_tries=max_tries)
+        params = dict(patch=patch, stride=stride, frame=frame, shift_range=[-15, 14], keep_prob=0.3,
+                      no_overlap=no_overlap, max_tries=max_tries, seed=seed)
+        cmd = _command("maps", "enlarge", dataset, out, "--patch", patch, "--stride", stride, "--frame", frame,
+                       "--no-overlap" if no_overlap else "", "--max-tries", max_tries, "--seed", seed)
+        provenance = dict(kind="enlarging-maps", source=str(dataset), command=cmd, seed=seed, params=params,
+                          images="original patches")
+        path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
+        typer.echo(f"enlarging maps: {len(samples)} patches of {len(ds)} images written to {path}")
+
+    @app.command("gradmix")
+    def gradmix_cmd(
+        dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
+        out: Path = typer.Argument(..., help="Output dataset folder (GradMix images and labels)."),
+        scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
+        minor_class: Optional[str] = typer.Option(None, help="Class to create: id or name (default: the scheme's minor class)."),
+        fraction: float = typer.Option(0.8, help="Share of eligible non-minor nuclei drawn as targets (spec 6a: 0.8)."),
+        target_distribution: list[str] = typer.Option([], help="Requested minor-class share, e.g. misc=0.25."),
+        inpaint: bool = typer.Option(True, help="Telea-inpaint each target first (original GradMix; off in the DiffMix copy)."),
+        double_blend: bool = typer.Option(True, help="Apply the blend twice, as the official code does."),
+        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+        overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    ) -> None:
+        """GradMix baseline (spec 6a): balancing labels plus synthesised images."""
+        from diffmix.data.io import read_dataset, write_dataset
+        from diffmix.maps.gradmix import gradmix_dataset
+
+        ds = read_dataset(dataset, scheme)
+        minor = resolve_class(ds.scheme, minor_class) if minor_class is not None else ds.scheme.minor_class
+        dist = parse_distribution(ds.scheme, target_distribution)
+        samples, report = gradmix_dataset(
+            ds.samples, minor_class=minor, fraction=fraction, seed=seed, target_distribution=dist,
+            inpaint=inpaint, double_blend=double_blend,
+        )
+        cmd = _command("gradmix", dataset, out, "--minor-class", minor, "--fraction", fraction, "--seed", seed,
+                       "--inpaint" if inpaint else "--no-inpaint",
+                       "--double-blend" if double_blend else "--no-double-blend",
+                       *(["--target-distribution", ",".join(f"{k}={v}" for k, v in dist.items())] if dist else []))
+        provenance = dict(kind="gradmix", source=str(dataset), command=cmd, seed=seed, params=report.params,
+                          report=report.to_json(), images="gradmix-synthesised")
+        path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
+        typer.echo(_summary("gradmix", path, ds.scheme, report))
+
+
+def _summary(what: str, path: Path, scheme: ClassScheme, report: Any) -> str:
+    before, after = report.class_counts_before, report.class_counts_after
+    n = sum(after.values()) or 1
+    lines = [f"{what}: {report.accepted_swaps} swaps over {len(report.per_image)} images, written to {path}"]
+    for c in sorted(after):
+        lines.append(f"  {c} {scheme.class_name(c):<16} {before.get(c, 0):>7} -> {after[c]:>7}  ({after[c] / n:.2%})")
+    if report.requested:
+        for c, p in report.requested.items():
+            lines.append(f"  requested class {c} share {p:.2%}, achieved {report.achieved.get(c, 0.0):.2%}")
+    lines.append(f"  pasted sources overwrote {report.overwritten_pixels} px of {report.overwritten_nuclei} other nuclei")
+    return "\n".join(lines)
