@@ -263,3 +263,13 @@ def test_load_unet_errors(tmp_path: Path) -> None:
         load_unet(mismatch)
     with pytest.raises(CheckpointError, match="not found"):
         load_unet(tmp_path / "absent.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(no_config.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable safetensors checkpoint"):
+        load_unet(corrupt)
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"  # weights without any diffmix metadata
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(plain))
+    with pytest.raises(CheckpointError, match="no U-Net config"):
+        load_unet(plain)

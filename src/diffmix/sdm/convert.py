@@ -20,6 +20,7 @@ What the shapes cannot tell, and how it is resolved:
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 from pathlib import Path
@@ -30,7 +31,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from diffmix.errors import CheckpointError
-from diffmix.runs import load_checkpoint, save_checkpoint
+from diffmix.runs import save_checkpoint
 from diffmix.sdm.unet import UNetConfig, UNetModel, build_unet
 
 # SDM script_util.create_model: the default channel_mult of each image size
@@ -298,7 +299,8 @@ def load_unet(
     if weights not in ("auto", "ema", "model"):
         raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
     path = Path(path)
-    state, meta = load_checkpoint(path)
+    order = ("ema", "model") if weights == "auto" else (weights,)
+    chosen, tensors, meta = _read_weights(path, order)
     if "unet_config" not in meta:
         raise CheckpointError(
             f"{path}: no U-Net config in its metadata; import an authors' .pt with "
@@ -309,16 +311,61 @@ def load_unet(
     except ValidationError as exc:
         reason = exc.errors()[0]["msg"] if exc.errors() else str(exc)
         raise CheckpointError(f"{path}: its U-Net config is invalid: {reason}") from None
-    order = ("ema", "model") if weights == "auto" else (weights,)
-    chosen = next((k for k in order if isinstance(state.get(k), Mapping) and state[k]), None)
     if chosen is None:
         raise CheckpointError(f"{path}: holds no {' or '.join(repr(k) for k in order)} weights")
-    tensors = state[chosen]
     check_state_dict(tensors, config, source=f"{path} [{chosen}]")
     model = build_unet(config, "meta")
     # assign=True adopts the loaded tensors instead of first allocating random weights
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True, assign=True)
     return model.to(device).eval(), config
+
+
+def _read_weights(
+    path: Path, order: tuple[str, ...]
+) -> tuple[str | None, dict[str, Tensor], dict[str, Any]]:
+    """(name of the first of `order` present, its tensors, checkpoint meta), reading only those
+    tensors: a paper-size training checkpoint also holds the raw weights and two Adam moments
+    (4x the EMA's 2.6 GB), which sampling never needs."""
+    from safetensors import safe_open
+
+    from diffmix.runs import _unflatten  # the nested layout save_checkpoint writes
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            if "diffmix_structure" not in metadata:  # a plain safetensors state dict
+                return ("model" if "model" in order else None), {k: fh.get_tensor(k) for k in fh.keys()}, {}
+            structure = json.loads(metadata["diffmix_structure"])
+            meta = json.loads(metadata.get("diffmix_meta", "{}"))
+            for name in order:
+                sub = structure.get(name) if isinstance(structure, dict) else None
+                if isinstance(sub, dict) and sub:
+                    tensors = _unflatten(sub, _LazyTensors(fh))
+                    if isinstance(tensors, Mapping) and _is_tensor_mapping(tensors):
+                        return name, dict(tensors), meta
+            return None, {}, meta
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises several unrelated types on bad files
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+
+
+class _LazyTensors(Mapping):
+    """Tensors of an open safetensors file, read when looked up."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._fh.get_tensor(key)
+
+    def __iter__(self):  # pragma: no cover - lookups only
+        return iter(self._fh.keys())
+
+    def __len__(self) -> int:  # pragma: no cover - lookups only
+        return len(self._fh.keys())
 
 
 __all__ = [
