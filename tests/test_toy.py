@@ -114,8 +114,15 @@ def test_class_shares_like_consep(default_set) -> None:
     assert abs(share[EPITHELIAL] - 0.35) <= 0.04
     assert abs(share[INFLAMMATORY] - 0.25) <= 0.04
     assert abs(share[SPINDLE] - 0.37) <= 0.04
-    # The rare-class guarantee: every tile has a balancing source.
-    assert all(s.class_counts().get(MISC, 0) >= 1 for s in samples)
+    # The rare-class guarantee: every tile has a balancing source that GradMix accepts
+    # (spec 6a: centroid at least 30 px from every border).
+    for s in samples:
+        types = s.inst_types()
+        sources = [
+            (x, y) for i, (x, y) in s.inst_centroids().items()
+            if types[i] == MISC and 30 <= x <= 256 - 30 and 30 <= y <= 256 - 30
+        ]
+        assert sources, s.name
 
 
 def test_rare_fraction_is_configurable() -> None:
@@ -259,16 +266,29 @@ def test_bad_arguments_raise_config_error() -> None:
         generate_toy_sample(32, np.random.default_rng(0), "x", class_weights={1: 0, 2: 0})
 
 
-def test_write_toy_dataset_same_seed_same_bytes(tmp_path) -> None:
-    from diffmix.data.io import read_dataset
+MAT_HEADER = 116  # the descriptive text at the start of a MATLAB 5 file (holds a date)
 
-    a = write_toy_dataset(tmp_path / "a", n_images=2, size=64, seed=4, rare_fraction=0.05)
-    b = write_toy_dataset(tmp_path / "b", n_images=2, size=64, seed=4, rare_fraction=0.05)
+
+def _write_twice(tmp_path, **kw):
+    """Write the same toy dataset twice, in different wall-clock seconds."""
+    a = write_toy_dataset(tmp_path / "a", **kw)
+    time.sleep(1.05 - time.time() % 1.0)
+    b = write_toy_dataset(tmp_path / "b", **kw)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
-    assert files_a == files_b and len(files_a) == 5  # 2 images, 2 labels, dataset.json
-    for rel in files_a:
-        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    assert files_a == files_b
+    return a, b, files_a
+
+
+def test_write_toy_dataset_same_seed_same_content(tmp_path) -> None:
+    from diffmix.data.io import read_dataset
+
+    kw = dict(n_images=2, size=64, seed=4, rare_fraction=0.05)
+    a, b, files = _write_twice(tmp_path, **kw)
+    assert len(files) == 5  # 2 images, 2 labels, dataset.json
+    for rel in files:
+        skip = MAT_HEADER if rel.suffix == ".mat" else 0
+        assert (a / rel).read_bytes()[skip:] == (b / rel).read_bytes()[skip:], rel
     ds = read_dataset(a)
     assert ds.meta["provenance"]["generator"] == "diffmix toy-data"
     assert ds.meta["provenance"]["seed"] == 4 and ds.meta["provenance"]["rare_fraction"] == 0.05
@@ -278,3 +298,15 @@ def test_write_toy_dataset_same_seed_same_bytes(tmp_path) -> None:
         assert s.name == t.name
         assert np.array_equal(s.image, t.image) and np.array_equal(s.inst_map, t.inst_map)
         assert np.array_equal(s.type_map, t.type_map)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="diffmix.data.io.write_mat_labels: scipy.io.savemat writes the creation time into "
+    "the 116-byte .mat header, so labels written in different seconds differ in bytes "
+    "(fix requested from the data.io owner; remove this marker when it passes)",
+)
+def test_write_toy_dataset_same_seed_same_bytes(tmp_path) -> None:
+    a, b, files = _write_twice(tmp_path, n_images=1, size=48, seed=4)
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel

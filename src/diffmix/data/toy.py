@@ -28,7 +28,8 @@ tapered ends, oriented along fibres; miscellaneous = irregular lobulated outline
 coarse mottled chromatin with a purple (eosin-mixed) cast.
 
 Rare-class guarantee: when the miscellaneous share is > 0, every tile holds at least one
-miscellaneous nucleus, so balancing always has sources. On small tiles with few nuclei this
+miscellaneous nucleus, so balancing always has sources; on tiles of at least 80 px that one
+has its centroid >= 30 px from every border, where GradMix (spec 6a) accepts sources. On small tiles with few nuclei this
 floor raises the miscellaneous share above `rare_fraction` (e.g. 64^2 tiles hold ~2-3
 nuclei); at the defaults (8 tiles of 256^2, ~39 nuclei each) the dataset share is
 `rare_fraction` to within rounding.
@@ -55,6 +56,8 @@ _BASE_SHARES = {INFLAMMATORY: 0.25, EPITHELIAL: 0.35, SPINDLE: 0.37}
 DEFAULT_RARE_FRACTION = 0.035
 # Expected nuclei per 10^4 pixels: CoNSeP has ~24k nuclei in 41 tiles of 1000^2 (~5.9).
 DEFAULT_DENSITY = 6.0
+# spec 6a: GradMix sources/targets need their centroid >= 30 px from every border.
+SOURCE_MARGIN = 30
 
 
 def class_weights_for(rare_fraction: float = DEFAULT_RARE_FRACTION) -> dict[int, float]:
@@ -185,7 +188,6 @@ class _Canvas:
         self.inst_map = np.zeros((size, size), dtype=np.int32)
         self.type_map = np.zeros((size, size), dtype=np.int32)
         self.forbid = forbid  # white lumen / spaces where no nucleus may sit
-        self.nucleoli: list[tuple[int, float, float, float]] = []  # (inst id, y, x, radius)
         self.records: list[dict[str, Any]] = []
         self.min_area = 8
 
@@ -412,8 +414,10 @@ def _render(
     d = depth[ys, xs]
     membrane = np.exp(-((d - 1.3) ** 2) / 1.2) * (d > 0)
     m = mottle[ys, xs]
-    h_nuc = per_px[:, 0] * (1 + per_px[:, 2] * grain[ys, xs] + per_px[:, 3] * m) + per_px[:, 4] * membrane
-    e_nuc = per_px[:, 1] * (1 + 0.5 * m)
+    # Texture multiplies the stain; clipped so no nucleus gets white holes.
+    texture = np.clip(1 + per_px[:, 2] * grain[ys, xs] + per_px[:, 3] * m, 0.55, 1.6)
+    h_nuc = per_px[:, 0] * texture + per_px[:, 4] * membrane
+    e_nuc = per_px[:, 1] * np.clip(1 + 0.5 * m, 0.5, 1.5)
     # Nucleoli: a small dark, slightly eosinophilic spot in each epithelial nucleus.
     spot = _nucleoli(canvas, depth, rng)[ys, xs]
     h_nuc += 1.5 * spot
@@ -541,8 +545,17 @@ def generate_toy_sample(
     def any_angle(cy: float, cx: float) -> float:
         return float(rng.uniform(0, np.pi))
 
-    # spec 5 / issue: rare class first so crowding never removes the balancing sources.
-    _place_scattered(canvas, MISC, counts[MISC], rng, any_angle, max_overlap=0.08, tries=200)
+    # The rare class goes first so crowding never removes the balancing sources. spec 6a:
+    # GradMix ignores nuclei whose centroid is within 30 px of a border, so the first one
+    # sits at least 30 px inside wherever the tile is large enough to allow it.
+    n_misc = counts[MISC]
+    if n_misc and size >= 2 * SOURCE_MARGIN + 20:  # 80 px
+        m = SOURCE_MARGIN + 4  # an irregular outline moves the centroid off the centre
+        inner = np.zeros(shape, dtype=bool)
+        inner[m : size - m, m : size - m] = True
+        _place_scattered(canvas, MISC, 1, rng, any_angle, allowed=inner & ~canvas.forbid, tries=200)
+        n_misc -= 1
+    _place_scattered(canvas, MISC, n_misc, rng, any_angle, max_overlap=0.08, tries=200)
 
     # Epithelium: glands (ring around a lumen) on roomy tiles, otherwise compact nests; what
     # a cluster cannot hold goes to the next one, a crowded tile scatters the rest.
