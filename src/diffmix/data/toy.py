@@ -29,17 +29,18 @@ coarse mottled chromatin with a purple (eosin-mixed) cast.
 
 Rare-class guarantee: when the miscellaneous share is > 0, every tile holds at least one
 miscellaneous nucleus, so balancing always has sources; on tiles of at least 80 px that one
-has its centroid >= 30 px from every border, where GradMix (spec 6a) accepts sources. On small tiles with few nuclei this
-floor raises the miscellaneous share above `rare_fraction` (e.g. 64^2 tiles hold ~2-3
-nuclei); at the defaults (8 tiles of 256^2, ~39 nuclei each) the dataset share is
-`rare_fraction` to within rounding.
+has its centroid >= 30 px from every border, where GradMix (spec 6a) accepts sources. On
+small tiles with few nuclei this floor raises the miscellaneous share above `rare_fraction`
+(e.g. 64^2 tiles hold ~2-3 nuclei); at the defaults (8 tiles of 256^2, ~39 nuclei each) the
+dataset share is `rare_fraction` to within rounding (plus a nucleus the layout could not fit,
+which is rare at CoNSeP density).
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -235,7 +236,7 @@ def _place_scattered(
     cls: int,
     count: int,
     rng: np.random.Generator,
-    angle_at,
+    angle_at: Callable[[float, float], float],
     allowed: np.ndarray | None = None,
     max_overlap: float = 0.08,
     tries: int = 60,
@@ -405,7 +406,10 @@ def _render(
     # touching nucleus); depth = distance (px) inside the ring, for the membrane.
     pad = np.pad(inst, 1, mode="edge")
     ring = fg & (
-        (pad[:-2, 1:-1] != inst) | (pad[2:, 1:-1] != inst) | (pad[1:-1, :-2] != inst) | (pad[1:-1, 2:] != inst)
+        (pad[:-2, 1:-1] != inst)
+        | (pad[2:, 1:-1] != inst)
+        | (pad[1:-1, :-2] != inst)
+        | (pad[1:-1, 2:] != inst)
     )
     depth = ndimage.distance_transform_edt(fg & ~ring).astype(np.float32)  # 0 on the ring
 
