@@ -13,6 +13,10 @@ Kept from the official code on purpose (faithful by default, spec 6a):
   the source on the ring is 1 - (1 - w)^2 (`double_blend=False` blends once).
 - Median smoothing uses disk(1) for R and G but disk(5) for B.
 - The working copy C starts from the *original* target image each time, not the running one.
+- Geometry: the source window is centred on the source centroid and placed on the dilated
+  target's bbox, while the label S is pasted with `paste_window` at the rounded target
+  centroid; for odd sizes and off-centre bboxes the two differ by up to a pixel, so the
+  pasted pixels and the pasted label can be misaligned by one pixel, as in the official code.
 
 Fixed or guarded (spec 7.7):
 
