@@ -1,0 +1,359 @@
+"""Tiled inference of a HoVer-style network over whole images, then post-processing once.
+
+Geometry (hovernet_notes 4, generalised). A network takes tiles of T x T pixels and returns
+maps of O x O = (T - 2 * crop_margin) pixels, centred on the tile. Of every output tile we
+keep only its central S x S part, S = O - overlap, and place the kept parts side by side
+with stride S; the image is reflect-padded so that the kept parts tile it exactly. So every
+output pixel is computed with at least `crop_margin + overlap // 2` pixels of real or
+reflected context on each side:
+
+- HoVer-Net (valid convolutions, crop_margin 95 for original 270 -> 80 and 46 for fast
+  256 -> 164) already has full context at every output pixel: hover_net uses overlap 0
+  (output tiles side by side, step = output size, reflect padding of (270 - 80) / 2); that is
+  the default here too.
+- A fully convolutional net with 'same' padding (crop_margin 0) sees zero padding near its
+  tile edges, so its outputs there differ from a whole-image pass; keeping only the centre
+  (default overlap = tile // 4, i.e. 32 px of context each side of a 256 tile) makes every
+  kept pixel lie far from a tile edge, and with S a multiple of the network's total stride
+  (the default 192 = 6 x 32) strided nets see the same pixel phase in every tile.
+
+The stitched NP / HV / TP maps of the whole image are then post-processed in one go
+(`postproc.postprocess`), as hover_net does, so nuclei on tile seams are never cut.
+`tile=None` on a net without a fixed input size runs the whole image as one tile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from diffmix.errors import CheckpointError, ConfigError, DataError
+from diffmix.seg.postproc import postprocess
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+#: Side lengths of whole-image passes of fully convolutional nets are rounded up to this,
+#: so that nets with up to 5 stride-2 stages accept them (the padding is cropped away).
+SIZE_MULTIPLE = 32
+
+#: Contour colour (RGB) of each class id in overlays; id 0 (no class) is white.
+CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 255, 255),
+    (255, 0, 0),
+    (0, 200, 0),
+    (0, 80, 255),
+    (255, 200, 0),
+    (255, 0, 255),
+    (0, 230, 230),
+    (255, 128, 0),
+    (128, 0, 255),
+)
+
+
+def _model_geometry(model: Any) -> tuple[int, int | None]:
+    margin = int(getattr(model, "crop_margin", 0) or 0)
+    input_size = getattr(model, "input_size", None)
+    if margin < 0:
+        raise ConfigError(f"model crop_margin {margin} is negative")
+    return margin, (int(input_size) if input_size is not None else None)
+
+
+def tile_plan(
+    image_shape: tuple[int, int],
+    *,
+    crop_margin: int,
+    tile: tuple[int, int],
+    overlap: int,
+) -> tuple[tuple[int, int, int, int], list[tuple[int, int]], tuple[int, int]]:
+    """Reflect padding and tile offsets that cover an image with the central parts of tiles.
+
+    image_shape: (H, W). tile: (Th, Tw) network input size. crop_margin: (T - O) // 2 of the
+    network. overlap: output pixels shared by neighbouring output tiles (even, < O).
+    Returns (pad (top, bottom, left, right), offsets [(y, x)] of the tiles in the padded
+    image, kept size (Sh, Sw)). Tile (y, x) provides image pixels [y, y + Sh) x [x, x + Sw).
+    """
+    h, w = image_shape
+    th, tw = tile
+    oh, ow = th - 2 * crop_margin, tw - 2 * crop_margin
+    if oh <= 0 or ow <= 0:
+        raise ConfigError(f"tile {th}x{tw} is too small for the network's crop margin {crop_margin}")
+    if overlap < 0 or overlap % 2:
+        raise ConfigError(f"overlap must be an even number >= 0, got {overlap}")
+    sh, sw = oh - overlap, ow - overlap
+    if sh <= 0 or sw <= 0:
+        raise ConfigError(f"overlap {overlap} leaves nothing of the {oh}x{ow} output tiles")
+    context = crop_margin + overlap // 2
+    ny, nx = max(1, math.ceil(h / sh)), max(1, math.ceil(w / sw))
+    pad = (context, ny * sh - h + context, context, nx * sw - w + context)
+    offsets = [(iy * sh, ix * sw) for iy in range(ny) for ix in range(nx)]
+    return pad, offsets, (sh, sw)
+
+
+def _resolve_device(model: Any, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(f"unknown device {device!r} ({exc})") from None
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return torch.device("cpu")
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@torch.inference_mode()
+def predict_image(
+    model: Any,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stitched network outputs over a whole image of any size.
+
+    model: callable on float (B, 3, T, T) in [0, 1] returning {"np": (B, 2, O, O) logits,
+        "hv": (B, 2, O, O), "tp": (B, C, O, O) logits}, with attributes `crop_margin`
+        ((T - O) // 2) and `input_size` (T, or None for any size). Put it in eval mode; it is
+        moved to `device` when one is given.
+    image: uint8 (H, W, 3) RGB.
+    tile: input tile side; must equal `model.input_size` when that is set (None takes it).
+        None for a net without a fixed input size runs the whole image in one pass.
+    overlap: output pixels shared by neighbouring tiles (even); None = 0 for nets with a crop
+        margin (hover_net), tile // 4 rounded to even for 'same'-padded nets, and 64 px of
+        context (32 a side) around a whole-image pass.
+    Returns (np_prob float32 (H, W), hv float32 (2, H, W), tp_prob float32 (C, H, W)).
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(f"image has shape {image.shape} dtype {image.dtype}, expected uint8 HxWx3")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    h, w = image.shape[:2]
+    margin, input_size = _model_geometry(model)
+    if input_size is not None:
+        if tile is not None and tile != input_size:
+            raise ConfigError(f"this network takes {input_size}-px tiles; got tile={tile}")
+        tile = input_size
+    if tile is not None:
+        if overlap is None:
+            overlap = 0 if margin > 0 else 2 * ((tile - 2 * margin) // 8)
+        tile_hw = (tile, tile)
+    else:
+        # one pass: a single tile whose kept part covers the image, rounded up for strides
+        if overlap is None:
+            overlap = 64
+        keep_h = math.ceil(h / SIZE_MULTIPLE) * SIZE_MULTIPLE
+        keep_w = math.ceil(w / SIZE_MULTIPLE) * SIZE_MULTIPLE
+        tile_hw = (keep_h + overlap + 2 * margin, keep_w + overlap + 2 * margin)
+    pad, offsets, (sh, sw) = tile_plan((h, w), crop_margin=margin, tile=tile_hw, overlap=overlap)
+    top, bottom, left, right = pad
+    padded = np.pad(image, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+
+    dev = _resolve_device(model, device)
+    if device is not None and hasattr(model, "to"):
+        model.to(dev)
+    th, tw = tile_hw
+    b = overlap // 2
+    full_h, full_w = len({o[0] for o in offsets}) * sh, len({o[1] for o in offsets}) * sw
+    np_out = np.zeros((full_h, full_w), dtype=np.float32)
+    hv_out = np.zeros((2, full_h, full_w), dtype=np.float32)
+    tp_out: np.ndarray | None = None
+    for chunk in _batches(offsets, batch_size):
+        batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
+        x_in = torch.from_numpy(batch).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
+        out = model(x_in)
+        try:
+            np_logits, hv, tp_logits = out["np"], out["hv"], out["tp"]
+        except (KeyError, TypeError):
+            raise CheckpointError("the network must return a dict with 'np', 'hv' and 'tp' maps") from None
+        expected = (len(chunk), th - 2 * margin, tw - 2 * margin)
+        for name, t, ch in (("np", np_logits, 2), ("hv", hv, 2), ("tp", tp_logits, None)):
+            if t.ndim != 4 or (t.shape[0], t.shape[2], t.shape[3]) != expected or (ch and t.shape[1] != ch):
+                raise CheckpointError(
+                    f"network output {name!r} has shape {tuple(t.shape)}; expected "
+                    f"({expected[0]}, {ch or 'C'}, {expected[1]}, {expected[2]}) for {th}x{tw} tiles "
+                    f"with crop margin {margin}"
+                )
+        np_prob = torch.softmax(np_logits.float(), dim=1)[:, 1].cpu().numpy()
+        hv_np = hv.float().cpu().numpy()
+        tp_prob = torch.softmax(tp_logits.float(), dim=1).cpu().numpy()
+        if tp_out is None:
+            tp_out = np.zeros((tp_prob.shape[1], full_h, full_w), dtype=np.float32)
+        for k, (y, x) in enumerate(chunk):
+            np_out[y : y + sh, x : x + sw] = np_prob[k, b : b + sh, b : b + sw]
+            hv_out[:, y : y + sh, x : x + sw] = hv_np[k, :, b : b + sh, b : b + sw]
+            tp_out[:, y : y + sh, x : x + sw] = tp_prob[k, :, b : b + sh, b : b + sw]
+    assert tp_out is not None
+    return (
+        np.ascontiguousarray(np_out[:h, :w]),
+        np.ascontiguousarray(hv_out[:, :h, :w]),
+        np.ascontiguousarray(tp_out[:, :h, :w]),
+    )
+
+
+def segment_image(
+    model: Any,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    keep_unmarked: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+    """`predict_image` then `postprocess` on the stitched maps: (inst_map, type_map, inst_info)."""
+    np_prob, hv, tp_prob = predict_image(
+        model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device
+    )
+    return postprocess(np_prob, hv, tp_prob, keep_unmarked=keep_unmarked)
+
+
+def overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
+    """The image with every nucleus outlined (1-px inner contour) in its class colour, uint8 RGB."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.array(image, dtype=np.uint8, copy=True)
+    edge = find_boundaries(inst_map, mode="inner") & (inst_map > 0)
+    palette = np.array(CLASS_COLOURS, dtype=np.uint8)
+    out[edge] = palette[type_map[edge] % len(palette)]
+    return out
+
+
+def list_images(images: str | Path) -> list[Path]:
+    """Image files (png/tif/tiff/jpg/jpeg) of a folder, sorted by name; a dataset root with an
+    `Images/` sub-folder is accepted too."""
+    images = Path(images)
+    if not images.is_dir():
+        raise DataError(f"{images}: not a folder of images")
+    if (images / "Images").is_dir():
+        images = images / "Images"
+    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems = [p.stem for p in files]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise DataError(f"{images}: several images share the names {dup[:10]}")
+    return files
+
+
+def infer_images(
+    model: Any,
+    images: str | Path,
+    out: str | Path,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    keep_unmarked: bool = False,
+    run_config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment every image of a folder with a loaded network; see `infer_folder`."""
+    from tqdm import tqdm
+
+    from diffmix.data.io import read_image, write_image, write_mat_labels
+    from diffmix.runs import JsonlLog, prepare_run_folder
+
+    files = list_images(images)
+    config = {
+        "images": str(Path(images).resolve()),
+        "tile": tile,
+        "overlap": overlap,
+        "keep_unmarked": keep_unmarked,
+        **(run_config or {}),
+    }
+    out, _ = prepare_run_folder(out, config, kind="seg-infer")
+    labels_dir, overlay_dir = out / "Labels", out / "Overlay"
+    log = JsonlLog(out / "log.jsonl")
+    done = skipped = 0
+    nuclei = 0
+    for path in tqdm(files, desc="seg infer", unit="image", disable=not progress):
+        mat_path = labels_dir / f"{path.stem}.mat"
+        png_path = overlay_dir / f"{path.stem}.png"
+        if mat_path.exists() and png_path.exists():
+            skipped += 1
+            continue
+        t0 = time.perf_counter()
+        image = read_image(path)
+        inst_map, type_map, info = segment_image(
+            model,
+            image,
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            device=device,
+            keep_unmarked=keep_unmarked,
+        )
+        # the overlay is written last: an image counts as done only when both files exist
+        write_mat_labels(mat_path, inst_map, type_map)
+        write_image(png_path, overlay(image, inst_map, type_map))
+        done += 1
+        nuclei += len(info)
+        log.write(
+            {
+                "image": path.name,
+                "nuclei": len(info),
+                "seconds": round(time.perf_counter() - t0, 3),
+                "size": list(image.shape[:2]),
+            }
+        )
+    return {"out": str(out), "images": len(files), "done": done, "skipped": skipped, "nuclei": nuclei}
+
+
+def infer_folder(
+    ckpt: str | Path,
+    images: str | Path,
+    out: str | Path,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: str = "cpu",
+    keep_unmarked: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Segment and classify the nuclei of every image in a folder (`diffmix seg infer`).
+
+    ckpt: a segmentation checkpoint of `diffmix seg train` (read by `seg.models.load_segmenter`).
+    images: folder of png/tif/jpg images (or a dataset root with `Images/`).
+    out: run folder; gets `config.yaml`, `Labels/NAME.mat` (CoNSeP layout: inst_map, type_map,
+        inst_type Nx1, inst_centroid Nx2 (x, y), ids contiguous), `Overlay/NAME.png` (contours
+        coloured by class) and `log.jsonl`. Re-running skips images already done; a folder
+        holding a run with another checkpoint or other settings is refused (RunFolderError).
+    tile, overlap, batch_size, device: see `predict_image`; batch_size and device do not
+        change the result, so they may differ between a run and its resumption.
+    keep_unmarked: see `postproc.process_np_hv` (False = hover_net).
+    Returns a summary {"out", "images", "done", "skipped", "nuclei"}.
+    """
+    from diffmix.seg.models import load_segmenter
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_file():
+        raise CheckpointError(f"{ckpt}: checkpoint not found")
+    model, meta = load_segmenter(ckpt, device=device)
+    return infer_images(
+        model,
+        images,
+        out,
+        tile=tile,
+        overlap=overlap,
+        batch_size=batch_size,
+        device=device,
+        keep_unmarked=keep_unmarked,
+        run_config={"ckpt": str(ckpt.resolve()), "preset": meta.get("preset")},
+        progress=progress,
+    )
