@@ -312,12 +312,6 @@ def test_write_toy_dataset_same_seed_same_content(tmp_path) -> None:
         assert np.array_equal(s.type_map, t.type_map)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="diffmix.data.io.write_mat_labels: scipy.io.savemat writes the creation time into "
-    "the 116-byte .mat header, so labels written in different seconds differ in bytes "
-    "(fix requested from the data.io owner; remove this marker when it passes)",
-)
 def test_write_toy_dataset_same_seed_same_bytes(tmp_path) -> None:
     a, b, files = _write_twice(tmp_path, n_images=1, size=48, seed=4)
     for rel in files:

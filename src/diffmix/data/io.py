@@ -14,6 +14,7 @@ its labels are already merged and are never merged again.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -27,8 +28,9 @@ import numpy as np
 from diffmix.data.sample import NucleiSample, as_label_map, inst_centroids, remap_ids, validation_problems
 from diffmix.data.schemes import CONSEP, PANNUKE, ClassScheme, get_scheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
-from diffmix.runs import atomic_path, atomic_write_text
+from diffmix.runs import atomic_path, atomic_write_bytes, atomic_write_text
 
+_MAT_HEADER = b"MATLAB 5.0 MAT-file, written by diffmix".ljust(116, b" ")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1
@@ -187,18 +189,17 @@ def write_mat_labels(path: str | Path, inst_map: np.ndarray, type_map: np.ndarra
         fg = inst_map > 0
         types[np.searchsorted(ids, inst_map[fg])] = type_map[fg]
     centroid = np.array([cen[int(i)] for i in ids], dtype=np.float64).reshape(-1, 2)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            scipy.io.savemat(
-                fh,
-                {
-                    "inst_map": inst_map,
-                    "type_map": type_map,
-                    "inst_type": types.reshape(-1, 1),
-                    "inst_centroid": centroid,
-                },
-                do_compression=True,
-            )
+    buffer = io.BytesIO()
+    scipy.io.savemat(
+        buffer,
+        {"inst_map": inst_map, "type_map": type_map, "inst_type": types.reshape(-1, 1), "inst_centroid": centroid},
+        do_compression=True,
+    )
+    data = bytearray(buffer.getvalue())
+    # The MAT-5 header's 116 text bytes carry the write time; a fixed text makes the same
+    # labels give the same bytes (design.md: same inputs + same seed = same bytes out).
+    data[:116] = _MAT_HEADER
+    atomic_write_bytes(path, bytes(data))
 
 
 def write_hovernet_npy(path: str | Path, sample: NucleiSample) -> None:
