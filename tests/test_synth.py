@@ -25,13 +25,17 @@ from diffmix.errors import CheckpointError, ConfigError, DataError, RunFolderErr
 from diffmix.maps.balance import balance_dataset
 from diffmix.runs import save_checkpoint
 from diffmix.sdm.unet import UNetConfig, build_unet
-from diffmix.synth import MANIFEST, RECORDS_DIR, patch_seed, plan_jobs, synthesize
+from diffmix.maps.enlarge import enlarge_dataset
+from diffmix.synth import MANIFEST, RECORDS_DIR, _Labels, patch_seed, plan_jobs, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEME = CONSEP.merged()
-# 2 toy tiles of 96 px whose balancing maps make swaps with border 4 (checked below)
-TOY = dict(n_images=2, size=96, seed=2, rare_fraction=0.15)
+# 2 toy tiles of 96 px, dense enough that balancing makes a few swaps with border 4 (checked
+# below); toy nuclei fill 32-px patches, so enlarging there uses no frame and +-3 px shifts
+# (spec: a 32-px frame and shifts in [-15, 14] at 256 px)
+TOY = dict(n_images=2, size=96, seed=1, rare_fraction=0.15, density=12.0)
 BALANCE = {"border": 4}
+ENLARGE = {"frame": 0, "shift_range": [-3, 2], "keep_prob": 0.5}
 # a few DDIM steps on 32-px patches keep every run to seconds on 2 shared cores
 FAST = dict(patch=32, stride=32, steps=4, start_fraction="0.5", guidance_scale=1.5, progress=False)
 
@@ -149,6 +153,24 @@ def test_plan_jobs_grid_names_and_spread(toy_dir):
         plan_jobs(ds, "balance", patch=128)
 
 
+def test_enlarge_maps_are_those_of_enlarge_dataset(toy_dir):
+    """Synthesis makes enlarging maps patch by patch; they must equal the whole-grid function's."""
+    ds = read_dataset(toy_dir)
+    labels = _Labels(ds, ["enlarge"], 32, 32, 3, {}, ENLARGE)
+    ref = enlarge_dataset(ds.samples, patch=32, stride=32, seed=3, **ENLARGE)
+    jobs = plan_jobs(ds, "enlarge", patch=32, stride=32, seed=3)
+    assert [j.name for j in jobs] == [r.name for r in ref]
+    moved = 0
+    for job, r in zip(jobs, ref):
+        inst, types, info = labels.custom(job)
+        np.testing.assert_array_equal(inst, r.inst_map)
+        np.testing.assert_array_equal(types, r.type_map)
+        moved += info["moved"]
+        assert info["movable"] + info["frozen"] == len(np.unique(remap_ids(
+            ds.samples[job.image_index].inst_map[job.offset[0]:job.offset[0] + 32, job.offset[1]:job.offset[1] + 32]))) - 1
+    assert moved > 0
+
+
 # --------------------------------------------------------------------------- outputs
 
 
@@ -209,7 +231,7 @@ def test_balance_labels_counts_and_manifest(toy_dir, random_ckpt, tmp_path):
     assert rec["name"] == "toy_000_004" and rec["source_image"] == "toy_000"
     assert rec["offset"] == [32, 32] and rec["map_kind"] == "balance"
     assert rec["seed"] == patch_seed(7, "toy_000", 4, "balance")
-    assert rec["sampler"] == {"steps": 4, "start_fraction": "0.5", "guidance_scale": 1.0, "eta": 0.0, "weights": "ema"}
+    assert rec["sampler"] == {"steps": 4, "start_fraction": "0.5", "guidance_scale": 1.0, "eta": 0.0, "weights": "auto"}
     import hashlib
 
     assert rec["checkpoint_sha256"] == hashlib.sha256(random_ckpt.read_bytes()).hexdigest()
@@ -238,9 +260,10 @@ main(sys.argv[1:])
 
 
 def _synth_args(toy_dir: Path, ckpt: Path, out: Path) -> list[str]:
-    return ["synthesize", str(toy_dir), str(ckpt), str(out), "--maps", "balance", "--patch", "32",
+    return ["synthesize", str(toy_dir), str(ckpt), str(out), "--maps", "both", "--patch", "32",
             "--stride", "32", "--steps", "4", "--start-fraction", "0.5", "--batch-size", "2",
-            "--seed", "3", "--max-patches", "10", "--balance", json.dumps(BALANCE), "--quiet"]
+            "--seed", "3", "--max-patches", "5", "--balance", json.dumps(BALANCE),
+            "--enlarge", json.dumps(ENLARGE), "--quiet"]
 
 
 def test_killed_run_resumes_to_the_exact_bytes(toy_dir, random_ckpt, tmp_path):
@@ -286,6 +309,21 @@ def test_killed_run_resumes_to_the_exact_bytes(toy_dir, random_ckpt, tmp_path):
     assert m_out["patches"] == m_ref["patches"]
     assert len(m_out["patches"]) == 10 and len({r["name"] for r in m_out["patches"]}) == 10
     assert m_out["class_counts_after"] == m_ref["class_counts_after"]
+    assert set(m_out["class_counts_after"]) == {"balance", "enlarge"}
+    assert m_out["map_reports"]["enlarge"]["totals"]["moved"] > 0
+    assert m_out["map_reports"]["balance"]["accepted_swaps"] >= 1
+    kinds = [r["map_kind"] for r in m_out["patches"]]
+    assert kinds == ["balance"] * 5 + ["enlarge"] * 5
+    assert all(r["name"].endswith("_" + r["map_kind"]) for r in m_out["patches"])
+    # the saved enlarge labels are enlarge_dataset's maps at the same grid positions
+    ds = read_dataset(toy_dir)
+    ref_maps = {r.name: r for r in enlarge_dataset(ds.samples, patch=32, stride=32, seed=3, **ENLARGE)}
+    synth = read_dataset(out)
+    for r in m_out["patches"][5:]:
+        got = synth.by_name(r["name"])
+        want = ref_maps[r["name"][: -len("_enlarge")]]
+        np.testing.assert_array_equal(got.inst_map, want.inst_map)
+        np.testing.assert_array_equal(got.type_map, want.type_map)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     finished = [r for r in log if r.get("event") == "done"]
     assert len(finished) == 1  # the killed run never got there

@@ -171,25 +171,6 @@ def _balance_maps(dataset: Dataset, seed: int, kwargs: Mapping[str, Any]) -> tup
     return samples, report.to_json() if hasattr(report, "to_json") else dict(report)
 
 
-def _enlarge_maps(
-    dataset: Dataset, patch: int, stride: int, seed: int, kwargs: Mapping[str, Any]
-) -> tuple[dict[tuple[str, int], NucleiSample], dict]:
-    """spec 6b: enlarging maps per grid patch of the original labels, keyed (image, patch index)."""
-    from diffmix.maps.enlarge import enlarge_dataset
-
-    result = enlarge_dataset(dataset.samples, patch=patch, stride=stride, seed=seed, **dict(kwargs))
-    patches, report = result if isinstance(result, tuple) else (result, {})
-    out: dict[tuple[str, int], NucleiSample] = {}
-    by_name = {patch_name(s.name, k): (s.name, k) for s in dataset.samples
-               for k in range(len(grid_offsets(*s.shape, patch, stride)))}
-    for p in patches:
-        if p.name not in by_name:
-            raise DataError(f"enlarging maps returned an unexpected patch name {p.name!r}")
-        out[by_name[p.name]] = p
-    report_json = report.to_json() if hasattr(report, "to_json") else dict(report or {})
-    return out, report_json
-
-
 class _Labels:
     """The custom label patch of every job, cut lazily from the full-size maps."""
 
@@ -206,33 +187,48 @@ class _Labels:
         self.dataset = dataset
         self.patch = patch
         self.reports: dict[str, dict] = {}
+        self.seed = seed
+        self.enlarge_kwargs = dict(enlarge_kwargs)
         self.balanced: list[NucleiSample] | None = None
-        self.enlarged: dict[tuple[str, int], NucleiSample] | None = None
         if "balance" in kinds:
             self.balanced, self.reports["balance"] = _balance_maps(dataset, seed, balance_kwargs)
         if "enlarge" in kinds:
-            self.enlarged, self.reports["enlarge"] = _enlarge_maps(dataset, patch, stride, seed, enlarge_kwargs)
+            self.reports["enlarge"] = {"params": {"seed": seed, **self.enlarge_kwargs}}
 
     def original(self, job: PatchJob) -> NucleiSample:
         y, x = job.offset
         return crop(self.dataset.samples[job.image_index], y, x, self.patch, job.name)
 
-    def custom(self, job: PatchJob) -> tuple[np.ndarray, np.ndarray]:
-        """(inst_map, type_map) int32 of the job's conditioning map, ids remapped 1..N."""
+    def custom(self, job: PatchJob) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+        """(inst_map, type_map) int32 of the job's conditioning map, ids remapped 1..N, and a
+        few numbers about the edit for the manifest."""
         y, x = job.offset
+        sl = (slice(y, y + self.patch), slice(x, x + self.patch))
+        info: dict[str, int] = {}
         if job.kind == "balance":
             assert self.balanced is not None
             full = self.balanced[job.image_index]
-            sl = (slice(y, y + self.patch), slice(x, x + self.patch))
             inst, types = full.inst_map[sl], full.type_map[sl]
         else:
-            assert self.enlarged is not None
-            p = self.enlarged[(job.source, job.patch_index)]
-            inst, types = p.inst_map, p.type_map
+            # spec 6b per grid patch of the original labels. The stream is the one
+            # `enlarge_dataset` documents, default_rng([seed, image index, patch index]), made
+            # here patch by patch so the whole grid's maps are never held at once.
+            from diffmix.maps.enlarge import enlarge_patch
+
+            src = self.dataset.samples[job.image_index]
+            rng = np.random.default_rng([self.seed, job.image_index, job.patch_index])
+            inst, types, edit = enlarge_patch(src.inst_map[sl], src.type_map[sl], rng=rng, **self.enlarge_kwargs)
+            shifts = edit.get("shifts", {})
+            info = {
+                "frozen": len(edit.get("frozen", [])),
+                "movable": len(shifts),
+                "moved": sum(1 for d in shifts.values() if tuple(d) != (0, 0)),
+                "kept_in_place": len(edit.get("kept_in_place", [])),
+            }
         if inst.shape != (self.patch, self.patch):
             raise DataError(f"{job.name}: {job.kind} label map has shape {inst.shape}, expected {self.patch}^2")
         # spec 4: the saved labels are the conditioning maps with ids remapped per patch
-        return remap_ids(inst), np.ascontiguousarray(types, dtype=np.int32)
+        return remap_ids(inst), np.ascontiguousarray(types, dtype=np.int32), info
 
 
 def _class_counts(inst_map: np.ndarray, type_map: np.ndarray, class_ids: Sequence[int]) -> dict[int, int]:
@@ -285,30 +281,42 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 
 
 def load_sdm(
-    ckpt: str | Path, device: str | torch.device = "cpu", weights: Literal["ema", "model"] = "ema"
+    ckpt: str | Path, device: str | torch.device = "cpu", weights: Literal["auto", "ema", "model"] = "auto"
 ) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(U-Net in eval mode, full diffusion schedule, checkpoint meta) for sampling.
 
-    A `diffmix sdm train` checkpoint (safetensors) gives its EMA (default) or raw weights and
-    its training schedule length; the authors' released `.pt` checkpoints go through
-    `diffmix.sdm.convert.load_unet` and use the official T = 1000 linear schedule.
+    Reads diffmix safetensors checkpoints through `diffmix.sdm.convert.load_unet`: those of
+    `diffmix sdm train` (EMA weights preferred, spec 3) and authors' `.pt` files converted by
+    `diffmix sdm import`. The schedule length is the training run's `diffusion_steps` when
+    its metadata says so, else the official T = 1000 (linear betas).
     """
+    from diffmix.sdm.convert import load_unet
     from diffmix.sdm.diffusion import GaussianDiffusion
 
     path = Path(ckpt)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix.lower() in (".pt", ".pth"):
-        from diffmix.sdm.convert import load_unet
-
-        loaded = load_unet(path, device)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        return model.eval(), GaussianDiffusion.linear(1000), {"foreign_checkpoint": True}
-    from diffmix.sdm.train import load_trained_unet
-
-    model, _, meta = load_trained_unet(path, device, weights=weights)
+        raise CheckpointError(
+            f"{path}: a torch .pt checkpoint; convert it once with `diffmix sdm import {path} OUT.safetensors` "
+            "and synthesise from OUT.safetensors"
+        )
+    model, _ = load_unet(path, device, weights=weights)
+    meta = _checkpoint_meta(path)
     steps = int((meta.get("train_config") or {}).get("diffusion_steps", 1000))
     return model, GaussianDiffusion.linear(steps), meta
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The diffmix metadata of a safetensors checkpoint, read from its header only."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("diffmix_meta", "{}")
+        return json.loads(raw)
+    except Exception as exc:  # load_unet has read the file already; this is belt and braces
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc})") from None
 
 
 def _model_config(model: torch.nn.Module) -> Any:
@@ -475,7 +483,7 @@ def synthesize(
     balance_kwargs: Mapping[str, Any] | None = None,
     enlarge_kwargs: Mapping[str, Any] | None = None,
     scheme: str | ClassScheme | None = None,
-    weights: Literal["ema", "model"] = "ema",
+    weights: Literal["auto", "ema", "model"] = "auto",
 ) -> SynthReport:
     """Make a synthetic dataset folder at `out` from `dataset` and an SDM checkpoint.
 
@@ -490,7 +498,8 @@ def synthesize(
     max_patches: per map kind, spread over the grid (None = the whole grid).
     balance_kwargs / enlarge_kwargs: extra arguments of `balance_dataset` / `enlarge_dataset`
         (e.g. {"fraction": 0.8, "border": 30}); minor_class defaults to the scheme's.
-    weights: "ema" (spec 3: sampling uses the EMA) or "model" (raw weights).
+    weights: "auto" (EMA when the checkpoint has it, spec 3: sampling uses the EMA), "ema"
+        or "model" (the raw weights; useful while a short run's EMA is still near its init).
 
     Re-running on the same folder resumes (finished patches are skipped); a folder made with
     other data, checkpoint or settings is refused (RunFolderError). batch_size, device and
@@ -503,6 +512,8 @@ def synthesize(
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if eta < 0:
         raise ConfigError(f"eta must be >= 0, got {eta}")
+    if weights not in ("auto", "ema", "model"):
+        raise ConfigError(f"weights must be auto, ema or model, got {weights!r}")
     kinds = _maps_list(maps)
     if not isinstance(dataset, Dataset):
         dataset = read_dataset(dataset, scheme)
@@ -591,7 +602,7 @@ def synthesize(
         for k, job in enumerate(chunk):
             if job not in missing:
                 continue
-            inst, types = customs[k]
+            inst, types, edit = customs[k]
             sample = NucleiSample(images[k], inst, types, job.name, num_classes)
             write_sample(out, sample)
             record = {
@@ -609,6 +620,7 @@ def synthesize(
                 "checkpoint_sha256": ckpt_sha,
                 "class_counts_before": _str_keys(_class_counts(originals[k].inst_map, originals[k].type_map, scheme_obj.class_ids)),
                 "class_counts": _str_keys(_class_counts(inst, types, scheme_obj.class_ids)),
+                "edit": edit,
             }
             # written last: the patch counts as done only once its files are complete
             atomic_write_text(_record_path(out, job.name), json.dumps(record, indent=1) + "\n")
@@ -641,6 +653,7 @@ def synthesize(
             if any(k not in reports for k in kinds):  # e.g. other ranks did all the work
                 reports = _Labels(*label_args).reports
         manifest = _merge_manifest(out, jobs, config, provenance, reports)
+        reports = manifest["map_reports"]
         planned = {j.name for j in jobs}
         for rec in manifest["patches"]:
             if rec["name"] in planned:
@@ -719,9 +732,16 @@ def _merge_manifest(
     patches = sorted(records.values(), key=_order_key(jobs))
     totals_before: dict[str, dict[int, int]] = {}
     totals_after: dict[str, dict[int, int]] = {}
+    edits: dict[str, dict[str, int]] = {}
     for rec in patches:
         _add(totals_before.setdefault(rec["map_kind"], {}), rec["class_counts_before"])
         _add(totals_after.setdefault(rec["map_kind"], {}), rec["class_counts"])
+        for key, n in (rec.get("edit") or {}).items():
+            kind_edits = edits.setdefault(rec["map_kind"], {})
+            kind_edits[key] = kind_edits.get(key, 0) + int(n)
+    map_reports = {k: dict(v) for k, v in map_reports.items()}
+    for kind, totals in edits.items():  # e.g. enlarge: nuclei frozen / movable / moved
+        map_reports.setdefault(kind, {})["totals"] = totals
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

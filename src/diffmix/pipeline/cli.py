@@ -47,7 +47,7 @@ def synthesize_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Class scheme of raw labels (consep, glysac, pannuke, YAML)."),
     max_patches: Optional[int] = typer.Option(None, "--max-patches", help="Patches per map kind, spread over the grid (default: all)."),
-    weights: str = typer.Option("ema", "--weights", help="Checkpoint weights to sample with: ema or model."),
+    weights: str = typer.Option("auto", "--weights", help="Checkpoint weights: auto (EMA if present), ema or model."),
     balance: Optional[str] = typer.Option(None, "--balance", help='Extra balance_dataset arguments as JSON, e.g. \'{"fraction": 0.8, "border": 30}\'.'),
     enlarge: Optional[str] = typer.Option(None, "--enlarge", help="Extra enlarge_dataset arguments as JSON."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON here."),
@@ -59,8 +59,8 @@ def synthesize_cmd(
     from diffmix.runs import write_json
     from diffmix.synth import synthesize
 
-    if weights not in ("ema", "model"):
-        raise ConfigError(f"--weights must be ema or model, got {weights!r}")
+    if weights not in ("auto", "ema", "model"):
+        raise ConfigError(f"--weights must be auto, ema or model, got {weights!r}")
     ds = read_dataset(dataset, scheme)
     try:
         report = synthesize(
