@@ -3,18 +3,21 @@
 spec 4, in the k-diffusion style: one function, no hidden state, the network is any callable
 `model(x (B,3,H,W), t (B,) original steps, y (B,K+2,H,W)) -> (B,>=3,H,W)` whose first three
 output channels are the predicted noise (the learned-variance channels are ignored by DDIM).
+`synthesize` / `synthesize_dataset` apply it to (y0 patch, label map) datasets for `sdm sample`.
 """
 
 from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from diffmix.errors import ConfigError
+from diffmix.data.sample import NucleiSample
+from diffmix.errors import CheckpointError, ConfigError, DataError
 from diffmix.sdm.diffusion import GaussianDiffusion
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -124,3 +127,134 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     """
     v = torch.floor((x.detach().float().cpu() + 1.0) / 2.0 * 255.0 + 0.5).clamp(0, 255)
     return v.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+# ------------------------------------------------------------------------------------------
+# applying the sampler to a dataset of (y0 patch, label map) pairs
+
+
+def load_sampling_model(
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
+) -> tuple[torch.nn.Module, int]:
+    """(U-Net in eval mode, label_nc) from a `sdm train` checkpoint or an imported official file.
+
+    Training checkpoints give the `weights` of choice ("ema", the official choice, or "model");
+    anything else is handed to `diffmix.sdm.convert.load_unet` (imported authors' weights).
+    """
+    from diffmix.runs import load_checkpoint
+
+    _, meta = load_checkpoint(path)
+    if "unet_config" in meta and "train_config" in meta:
+        from diffmix.sdm.train import load_trained_unet
+
+        model, config, _ = load_trained_unet(path, device, weights)  # type: ignore[arg-type]
+        return model, config.label_nc
+    from diffmix.sdm.convert import load_unet
+
+    model, config = load_unet(path, device)
+    return model.eval(), config.label_nc
+
+
+def synthesize(
+    model: Model,
+    samples: Sequence[NucleiSample],
+    num_classes: int,
+    *,
+    steps: int = 100,
+    start_fraction: str | float | Fraction = "0.55",
+    guidance_scale: float = 1.5,
+    eta: float = 0.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> list[NucleiSample]:
+    """Re-synthesise each sample's image under its own label maps; labels are kept as they are.
+
+    Each sample is a (y0 patch, custom label map) pair. Patch i's start noise comes from a
+    generator seeded with (seed, i), so the output does not depend on `batch_size` (up to
+    float rounding of batched convolutions); eta > 0 noise is drawn per batch.
+    """
+    from diffmix.maps.conditioning import condition_batch
+    from diffmix.sdm.data import stack_samples
+
+    device = torch.device(device)
+    out: list[NucleiSample] = []
+    order = list(range(len(samples)))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), max(1, batch_size))]
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="sdm sample")
+    for idx in batches:
+        group = [samples[i] for i in idx]
+        y0, inst, types = stack_samples(group)
+        cond = condition_batch(inst, types, num_classes).to(device)
+        noise = torch.stack(
+            [torch.randn(y0.shape[1:], generator=torch.Generator().manual_seed(_patch_seed(seed, i))) for i in idx]
+        )
+        gen = torch.Generator().manual_seed(_patch_seed(seed, idx[0]) ^ 0x5EED)
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            x = diffmix_sample(model, y0.to(device), cond, steps=steps, start_fraction=start_fraction,
+                               guidance_scale=guidance_scale, eta=eta, noise=noise, generator=gen)
+        images = to_uint8(x)
+        out.extend(NucleiSample(img, s.inst_map, s.type_map, s.name, s.num_classes) for img, s in zip(images, group))
+    return out
+
+
+def _patch_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint32)[0])
+
+
+def synthesize_dataset(
+    ckpt: str | Path,
+    maps: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 100,
+    start_fraction: str = "0.55",
+    guidance_scale: float = 1.5,
+    eta: float = 0.0,
+    batch_size: int = 8,
+    seed: int = 0,
+    weights: str = "ema",
+    scheme: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> Path:
+    """`diffmix sdm sample`: read the maps dataset, synthesise, write a dataset folder with provenance."""
+    from diffmix.data.io import read_dataset, write_dataset
+
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    start_index(steps, start_fraction)  # fail on a bad fraction before loading anything
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not empty; choose a new output folder")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = read_dataset(maps, scheme)
+    model, label_nc = load_sampling_model(ckpt, dev, weights)
+    k = data.scheme.num_classes
+    if label_nc != k + 2:
+        raise CheckpointError(
+            f"{ckpt}: model takes {label_nc} label channels but {maps} has {k} classes ({k + 2} channels)"
+        )
+    samples = synthesize(
+        model, data.samples, k, steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale,
+        eta=eta, batch_size=batch_size, seed=seed, device=dev,
+        amp_dtype=torch.bfloat16 if dev.type == "cuda" else None, progress=progress,
+    )
+    provenance = {
+        "generator": "diffmix sdm sample",
+        "checkpoint": str(Path(ckpt).resolve()),
+        "weights": weights,
+        "maps": str(Path(maps).resolve()),
+        "steps": steps,
+        "start_fraction": str(start_fraction),
+        "start_t": int(GaussianDiffusion.linear().respace(f"ddim{steps}").timesteps[start_index(steps, start_fraction)]),
+        "guidance_scale": guidance_scale,
+        "eta": eta,
+        "seed": seed,
+    }
+    return Path(write_dataset(out, samples, data.scheme, provenance=provenance))
