@@ -332,3 +332,13 @@ def test_a_paste_never_erases_a_whole_nucleus(neighbour_width, accepted):
         assert np.array_equal(np.nonzero(out[0].inst_map == 1), (np.full(9, 43), np.arange(39, 48)))
     else:
         assert np.array_equal(out[0].inst_map, inst_t)
+
+
+def test_images_without_nuclei_or_sources_pass_through():
+    empty = NucleiSample(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.int32), np.zeros((64, 64), np.int32), "e", 4)
+    inst = np.zeros((64, 64), np.int32)
+    inst[30:36, 30:36] = 1
+    only_major = NucleiSample(np.zeros((64, 64, 3), np.uint8), inst, inst * 3, "m", 4)
+    out, report = balance_dataset([empty, only_major], minor_class=1, fraction=1.0)
+    assert report.accepted_swaps == 0 and report.per_image[1]["skipped_no_source"] == 1
+    assert np.array_equal(out[1].inst_map, inst) and np.array_equal(out[1].type_map, inst * 3)

@@ -235,8 +235,8 @@ def _plan_image(
         dilated = ndi.binary_dilation(inst_map[dr0:dr1, dc0:dc1] == tid, structure=CROSS, iterations=2)
         a1 = int(dilated.sum())
         fits = ~used & (pool_need <= a1)
-        p = int(np.argmax(fits))
-        if not fits[p]:
+        p = int(np.argmax(fits)) if fits.size else 0
+        if not fits.size or not fits[p]:
             stats["no_source"] += 1
             continue
         pool = pools[int(pool_img[p])]
