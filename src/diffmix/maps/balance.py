@@ -57,9 +57,6 @@ class InstanceTable:
     cx: np.ndarray  # float64 (n,)
     classes: np.ndarray  # int64 (n,)
 
-    def index_of(self) -> dict[int, int]:
-        return {int(i): k for k, i in enumerate(self.ids)}
-
 
 def instance_table(inst_map: np.ndarray, type_map: np.ndarray) -> InstanceTable:
     """Bounding boxes, areas, centroids and classes of every instance (ids ascending).
