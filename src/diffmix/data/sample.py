@@ -34,11 +34,15 @@ def as_label_map(arr: np.ndarray, what: str, where: str) -> np.ndarray:
 def instance_classes(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, set[int]]:
     """The set of class ids found under each instance id (one set per id present)."""
     fg = inst_map > 0
-    pairs = np.unique(
-        np.stack([inst_map[fg].astype(np.int64), type_map[fg].astype(np.int64)]), axis=1
-    )
+    ids = inst_map[fg].astype(np.int64)
+    classes = type_map[fg].astype(np.int64)
+    if ids.size == 0:
+        return {}
+    # One 1-D unique over a combined key is several times faster than unique(axis=1).
+    base = int(classes.max()) + 1 if classes.size and classes.max() >= 0 else 1
+    keys = np.unique(ids * base + classes)
     out: dict[int, set[int]] = {}
-    for inst_id, cls in pairs.T.tolist():
+    for inst_id, cls in zip((keys // base).tolist(), (keys % base).tolist()):
         out.setdefault(inst_id, set()).add(cls)
     return out
 
