@@ -13,12 +13,16 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from diffmix.errors import CheckpointError, RunFolderError
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -34,6 +38,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -152,27 +158,63 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[st
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Inverse of `save_checkpoint`: (nested state, meta). Corrupt files raise CheckpointError."""
+def load_checkpoint(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    only: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inverse of `save_checkpoint`: (nested state, meta). Corrupt files raise CheckpointError.
+
+    `only` names top-level entries to read (e.g. ["ema"]): the other tensors are never loaded,
+    which matters for paper-size checkpoints whose optimiser state is several GB. A plain
+    safetensors state dict (imported weights) comes back as {"model": tensors}.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device=str(map_location)) as fh:
             metadata = fh.metadata() or {}
-            for key in fh.keys():
-                tensors[key] = fh.get_tensor(key)
+            if "diffmix_structure" not in metadata:
+                if only is not None and "model" not in only:
+                    return {}, {}
+                return {"model": {k: fh.get_tensor(k) for k in fh.keys()}}, {}
+            structure = json.loads(metadata["diffmix_structure"])
+            meta = json.loads(metadata.get("diffmix_meta", "{}"))
+            if only is not None:
+                structure = {k: v for k, v in structure.items() if k in set(only)}
+            needed = _tensor_keys(structure)
+            tensors = {k: fh.get_tensor(k) for k in needed}
     except Exception as exc:  # safetensors raises several unrelated types on bad files
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
-    if "diffmix_structure" not in metadata:
-        # A plain safetensors state dict (e.g. imported weights): expose it as-is.
-        return {"model": tensors}, {}
-    structure = json.loads(metadata["diffmix_structure"])
-    meta = json.loads(metadata.get("diffmix_meta", "{}"))
     return _unflatten(structure, tensors), meta
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a `save_checkpoint` file, read from its header only (no tensors)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return json.loads((fh.metadata() or {}).get("diffmix_meta", "{}"))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc})") from None
+
+
+def _tensor_keys(structure: Any) -> list[str]:
+    """Every tensor key a flattened structure refers to."""
+    if isinstance(structure, dict):
+        if set(structure) == {"__tensor__"}:
+            return [structure["__tensor__"]]
+        return [k for v in structure.values() for k in _tensor_keys(v)]
+    if isinstance(structure, list):
+        return [k for v in structure for k in _tensor_keys(v)]
+    return []
 
 
 def rng_state() -> dict[str, Any]:

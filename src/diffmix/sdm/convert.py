@@ -326,46 +326,15 @@ def _read_weights(
     """(name of the first of `order` present, its tensors, checkpoint meta), reading only those
     tensors: a paper-size training checkpoint also holds the raw weights and two Adam moments
     (4x the EMA's 2.6 GB), which sampling never needs."""
-    from safetensors import safe_open
+    from diffmix.runs import load_checkpoint
 
-    from diffmix.runs import _unflatten  # the nested layout save_checkpoint writes
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            if "diffmix_structure" not in metadata:  # a plain safetensors state dict
-                return ("model" if "model" in order else None), {k: fh.get_tensor(k) for k in fh.keys()}, {}
-            structure = json.loads(metadata["diffmix_structure"])
-            meta = json.loads(metadata.get("diffmix_meta", "{}"))
-            for name in order:
-                sub = structure.get(name) if isinstance(structure, dict) else None
-                if isinstance(sub, dict) and sub:
-                    tensors = _unflatten(sub, _LazyTensors(fh))
-                    if isinstance(tensors, Mapping) and _is_tensor_mapping(tensors):
-                        return name, dict(tensors), meta
-            return None, {}, meta
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises several unrelated types on bad files
-        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
-
-
-class _LazyTensors(Mapping):
-    """Tensors of an open safetensors file, read when looked up."""
-
-    def __init__(self, fh: Any) -> None:
-        self._fh = fh
-
-    def __getitem__(self, key: str) -> Tensor:
-        return self._fh.get_tensor(key)
-
-    def __iter__(self):  # pragma: no cover - lookups only
-        return iter(self._fh.keys())
-
-    def __len__(self) -> int:  # pragma: no cover - lookups only
-        return len(self._fh.keys())
+    meta: dict[str, Any] = {}
+    for name in order:
+        state, meta = load_checkpoint(path, only=[name])
+        tensors = state.get(name)
+        if isinstance(tensors, Mapping) and _is_tensor_mapping(tensors):
+            return name, dict(tensors), meta
+    return None, {}, meta
 
 
 __all__ = [
