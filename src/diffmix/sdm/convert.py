@@ -20,7 +20,6 @@ What the shapes cannot tell, and how it is resolved:
 from __future__ import annotations
 
 import hashlib
-import json
 import pickle
 import re
 from pathlib import Path
