@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from diffmix.cli import main
-from diffmix.data.io import read_dataset, read_image, read_mat_labels, write_dataset
+from diffmix.data.io import read_dataset, write_dataset
 from diffmix.data.patches import crop, grid_offsets
 from diffmix.data.sample import remap_ids
 from diffmix.data.schemes import CONSEP
@@ -89,22 +89,11 @@ def _files(out: Path) -> dict[str, bytes]:
     return {f"{d}/{p.name}": p.read_bytes() for d in ("Images", "Labels") for p in sorted((out / d).iterdir())}
 
 
-def _mat_body(data: bytes) -> bytes:
-    # scipy.io.savemat stamps "Created on: <time>" into the 128-byte header; the rest is exact
-    return data[128:]
-
-
 def _assert_same_patches(a: Path, b: Path) -> None:
     fa, fb = _files(a), _files(b)
     assert sorted(fa) == sorted(fb)
-    for name in fa:
-        if name.endswith(".mat"):
-            assert _mat_body(fa[name]) == _mat_body(fb[name]), name
-            la, lb = read_mat_labels(a / name), read_mat_labels(b / name)
-            for key in ("inst_map", "type_map", "inst_type", "inst_centroid"):
-                np.testing.assert_array_equal(la[key], lb[key])
-        else:
-            assert fa[name] == fb[name], name
+    for name in fa:  # images and labels, byte for byte (.mat headers carry no write time)
+        assert fa[name] == fb[name], name
 
 
 def _run_cli(args: list[str]) -> None:
@@ -268,8 +257,11 @@ def _synth_args(toy_dir: Path, ckpt: Path, out: Path) -> list[str]:
 
 def test_killed_run_resumes_to_the_exact_bytes(toy_dir, random_ckpt, tmp_path):
     ref = tmp_path / "ref"
-    _run_cli(_synth_args(toy_dir, random_ckpt, ref))
+    _run_cli([*_synth_args(toy_dir, random_ckpt, ref), "--json", str(tmp_path / "ref.json")])
     assert len(list((ref / "Images").iterdir())) == 10
+    summary = json.loads((tmp_path / "ref.json").read_text())
+    assert summary["n_written"] == 10 and summary["maps"] == ["balance", "enlarge"]
+    assert summary["class_counts_after"]["balance"]["1"] > summary["class_counts_before"]["balance"]["1"]
 
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
@@ -386,3 +378,23 @@ def test_checkpoint_must_fit_the_scheme(toy_dir, tmp_path):
         synthesize(toy_dir, glysac_like, tmp_path / "o", maps="balance", **FAST)
     with pytest.raises(CheckpointError, match="not found"):
         synthesize(toy_dir, tmp_path / "missing.safetensors", tmp_path / "o2", maps="balance", **FAST)
+
+
+def test_real_patches_from_shared_data(shared_data, random_ckpt, tmp_path):
+    """Real CoNSeP-layout H&E (raw classes merged once by the reader) through both map kinds."""
+    ds = read_dataset(shared_data / "real_he_labeled", "consep")
+    out = tmp_path / "real"
+    rep = synthesize(ds, random_ckpt, out, maps="both", patch=64, stride=96, steps=2, start_fraction="0.5",
+                     guidance_scale=1.5, batch_size=4, max_patches=2, seed=1,
+                     enlarge_kwargs={"frame": 8, "shift_range": [-4, 3]}, progress=False)
+    assert rep.n_patches == 4 and rep.n_written == 4
+    assert rep.dataset_class_counts == ds.class_counts()
+    synth = read_dataset(out)  # dataset.json: merged, so the reader does not merge again
+    assert synth.scheme.name == ds.scheme.name and len(synth) == 4
+    manifest = json.loads((out / MANIFEST).read_text())
+    for rec in manifest["patches"]:
+        s = synth.by_name(rec["name"])
+        assert s.image.shape == (64, 64, 3) and rec["size"] == 64
+        assert rec["source_image"] in ds.names and rec["offset"][0] % 96 == 0
+        counts = {str(c): n for c, n in s.class_counts().items()}
+        assert {k: v for k, v in rec["class_counts"].items() if v} == counts

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -333,8 +332,9 @@ class SynthReport:
     class_counts_before[kind]: nuclei per class in the ORIGINAL label patches at the planned
     grid positions; class_counts_after[kind]: in the custom label patches that became the
     synthetic patches' labels (nuclei cut by a patch border count in every patch they touch,
-    as downstream training sees them). patches_per_second counts patches computed in this run
-    over the wall time of the sampling loop (all processes together under torchrun).
+    as downstream training sees them); these and `map_reports` are filled on rank 0 only.
+    n_written / n_skipped / patches_per_second cover all processes under torchrun: patches
+    computed in this run over the longest rank's wall time (label maps included).
     """
 
     out: Path
@@ -488,7 +488,8 @@ def synthesize(
     """Make a synthetic dataset folder at `out` from `dataset` and an SDM checkpoint.
 
     dataset: a `Dataset` or a dataset folder (read with `scheme`), full-size images with
-        merged labels. ckpt: a `diffmix sdm train` checkpoint (or an authors' `.pt`).
+        merged labels. ckpt: a `diffmix sdm train` checkpoint, or an authors' `.pt` converted by
+        `diffmix sdm import`.
     maps: "balance" (spec 6a), "enlarge" (spec 6b) or "both" (names then end in the kind).
     patch, stride: the grid (spec 5: 256 at 76); patch must suit the U-Net's downsampling.
     steps, start_fraction, guidance_scale, eta: the sampler (spec 4; see

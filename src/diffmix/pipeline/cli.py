@@ -33,7 +33,7 @@ def _json_option(text: Optional[str], what: str) -> dict[str, Any]:
 
 def synthesize_cmd(
     dataset: Path = typer.Argument(..., help="Dataset folder of full-size images with labels."),
-    ckpt: Path = typer.Argument(..., help="SDM checkpoint (`diffmix sdm train` safetensors, or an authors' .pt)."),
+    ckpt: Path = typer.Argument(..., help="SDM checkpoint: `diffmix sdm train` output, or an authors' .pt converted by `diffmix sdm import`."),
     out: Path = typer.Argument(..., help="Output dataset folder (re-running on it resumes)."),
     maps: str = typer.Option(..., "--maps", help="Label maps: balance, enlarge or both."),
     patch: int = typer.Option(256, "--patch", help="Patch size of the grid (spec 5: 256)."),
@@ -49,7 +49,7 @@ def synthesize_cmd(
     max_patches: Optional[int] = typer.Option(None, "--max-patches", help="Patches per map kind, spread over the grid (default: all)."),
     weights: str = typer.Option("auto", "--weights", help="Checkpoint weights: auto (EMA if present), ema or model."),
     balance: Optional[str] = typer.Option(None, "--balance", help='Extra balance_dataset arguments as JSON, e.g. \'{"fraction": 0.8, "border": 30}\'.'),
-    enlarge: Optional[str] = typer.Option(None, "--enlarge", help="Extra enlarge_dataset arguments as JSON."),
+    enlarge: Optional[str] = typer.Option(None, "--enlarge", help='Extra enlarge_dataset arguments as JSON, e.g. \'{"no_overlap": true}\'.'),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
