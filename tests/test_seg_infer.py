@@ -190,6 +190,17 @@ def test_image_smaller_than_the_context():
     np.testing.assert_array_equal(hv, net.hv.numpy())
 
 
+def test_very_large_image_is_tiled_automatically():
+    inst, types = disk_label_map(2100, 60, 120, seed=10)
+    net = LookupNet(inst, types)
+    seen = []
+    forward = net.forward
+    net.forward = lambda x: (seen.append(tuple(x.shape)), forward(x))[1]
+    _, hv, _ = predict_image(net, coord_image(2100, 60), batch_size=8)
+    np.testing.assert_array_equal(hv, net.hv.numpy())
+    assert seen == [(3, 3, 1024, 1024)]  # 2100 > WHOLE_IMAGE_MAX: 3 tiles of 1024, kept 768
+
+
 def test_tiled_equals_whole_on_1000px_with_ideal_maps(big):
     inst, types = big
     net = LookupNet(inst, types)
@@ -230,6 +241,11 @@ def test_tiled_equals_whole_with_small_hover_net():
     tiled = predict_image(net, image, tile=128, overlap=32, batch_size=6)
     for w, t in zip(whole, tiled):
         assert np.abs(w - t).max() < 1e-4
+    # a model left in training mode is run in eval mode (no batch statistics) and restored
+    net.train()
+    again = predict_image(net, image, tile=128, overlap=32, batch_size=6)
+    assert net.training
+    np.testing.assert_array_equal(again[1], tiled[1])
 
 
 def test_predict_errors():
@@ -317,6 +333,10 @@ def test_infer_images_errors(tmp_path):
     assert not list((tmp_path / "o3").rglob("*.mat"))
     with pytest.raises(CheckpointError, match="not found"):
         infer_folder(tmp_path / "nope.safetensors", tmp_path / "bad", tmp_path / "o4")
+    if not torch.cuda.is_available():
+        (tmp_path / "x.safetensors").write_bytes(b"0")
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            infer_folder(tmp_path / "x.safetensors", tmp_path / "bad", tmp_path / "o5", device="cuda")
 
 
 def test_infer_folder_from_a_checkpoint(tmp_path):

@@ -41,6 +41,11 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 #: so that nets with up to 5 stride-2 stages accept them (the padding is cropped away).
 SIZE_MULTIPLE = 32
 
+#: A net without a fixed input size runs an image in one pass up to this side; larger images
+#: are tiled with `LARGE_IMAGE_TILE` (same result with the default overlap, bounded memory).
+WHOLE_IMAGE_MAX = 2048
+LARGE_IMAGE_TILE = 1024
+
 #: Contour colour (RGB) of each class id in overlays; id 0 (no class) is white.
 CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 255, 255),
@@ -126,11 +131,13 @@ def predict_image(
 
     model: callable on float (B, 3, T, T) in [0, 1] returning {"np": (B, 2, O, O) logits,
         "hv": (B, 2, O, O), "tp": (B, C, O, O) logits}, with attributes `crop_margin`
-        ((T - O) // 2) and `input_size` (T, or None for any size). Put it in eval mode; it is
-        moved to `device` when one is given.
+        ((T - O) // 2) and `input_size` (T, or None for any size). It runs in eval mode (a
+        model in training mode is switched for the call and switched back: batch statistics
+        would make every tile depend on its batch); it is moved to `device` when one is given.
     image: uint8 (H, W, 3) RGB.
     tile: input tile side; must equal `model.input_size` when that is set (None takes it).
-        None for a net without a fixed input size runs the whole image in one pass.
+        None for a net without a fixed input size runs the whole image in one pass (tiles of
+        `LARGE_IMAGE_TILE` above `WHOLE_IMAGE_MAX` px, to bound memory).
     overlap: output pixels shared by neighbouring tiles (even); None = 0 for nets with a crop
         margin (hover_net), tile // 4 rounded to even for 'same'-padded nets, and 64 px of
         context (32 a side) around a whole-image pass.
@@ -147,6 +154,8 @@ def predict_image(
         if tile is not None and tile != input_size:
             raise ConfigError(f"this network takes {input_size}-px tiles; got tile={tile}")
         tile = input_size
+    elif tile is None and max(h, w) > WHOLE_IMAGE_MAX:
+        tile = LARGE_IMAGE_TILE
     if tile is not None:
         if overlap is None:
             overlap = 0 if margin > 0 else 2 * ((tile - 2 * margin) // 8)
@@ -165,6 +174,31 @@ def predict_image(
     dev = _resolve_device(model, device)
     if device is not None and hasattr(model, "to"):
         model.to(dev)
+    was_training = bool(getattr(model, "training", False))
+    if was_training:
+        model.eval()
+    try:
+        return _run_tiles(model, padded, (h, w), offsets, tile_hw, (sh, sw), margin, overlap, batch_size, dev)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _run_tiles(
+    model: Any,
+    padded: np.ndarray,
+    image_hw: tuple[int, int],
+    offsets: list[tuple[int, int]],
+    tile_hw: tuple[int, int],
+    keep_hw: tuple[int, int],
+    margin: int,
+    overlap: int,
+    batch_size: int,
+    dev: torch.device,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run the network over the tiles of the padded image and stitch their central parts."""
+    h, w = image_hw
+    sh, sw = keep_hw
     th, tw = tile_hw
     b = overlap // 2
     full_h, full_w = len({o[0] for o in offsets}) * sh, len({o[1] for o in offsets}) * sw
@@ -344,6 +378,8 @@ def infer_folder(
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: checkpoint not found")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here")
     model, meta = load_segmenter(ckpt, device=device)
     return infer_images(
         model,
