@@ -125,7 +125,7 @@ def test_input_errors():
 def toy_tiles():
     from diffmix.data.toy import generate_toy_samples
 
-    return generate_toy_samples(4, 256, seed=0)
+    return generate_toy_samples(8, 256, seed=0)
 
 
 def round_trip(pairs, num_types: int, class_ids, keep_unmarked: bool) -> dict:
@@ -139,13 +139,14 @@ def round_trip(pairs, num_types: int, class_ids, keep_unmarked: bool) -> dict:
 def test_round_trip_toy(toy_tiles):
     pairs = [(s.inst_map, s.type_map) for s in toy_tiles]
     assert sum(int(s.inst_map.max()) for s in toy_tiles) > 100
-    # keep_unmarked: measured PQ 0.970, F1_d 0.990, Acc 1.0 (toy seed 0, 4 tiles); the
-    # remaining misses are merges of clumped small nuclei under the 21-px Sobel
+    # keep_unmarked: measured PQ 0.972, F1_d 0.985, Acc 1.0 (toy seed 0, 8 tiles); the
+    # remaining misses are merges of clumped small nuclei under the 21-px Sobel, so the
+    # detection F1 gets a little slack below the classification accuracy
     res = round_trip(pairs, 5, (1, 2, 3, 4), keep_unmarked=True)
     assert res["mean"]["pq"] >= 0.95
-    assert res["type"]["f1_d"] >= 0.98
+    assert res["type"]["f1_d"] >= 0.97
     assert res["type"]["acc"] >= 0.98
-    # hover_net exactly: thin (spindle) nuclei lose their marker; measured PQ 0.913
+    # hover_net exactly: thin (spindle) nuclei lose their marker; measured PQ 0.936
     official = round_trip(pairs, 5, (1, 2, 3, 4), keep_unmarked=False)
     assert 0.85 <= official["mean"]["pq"] < res["mean"]["pq"]
     assert official["type"]["acc"] >= 0.98

@@ -13,6 +13,13 @@ Deviations from the official `process()` (all on the bookkeeping side, none on t
   `inst_type` shorter than the number of ids (and misaligned with `inst_type[id - 1]`);
 - centroids are the mean pixel coordinate (x, y); this is what `cv2.moments` of the binary
   instance mask gives (m10/m00, m01/m00), without the per-instance crop.
+
+Optional (off by default, so the default is hover_net's output): `keep_unmarked=True` keeps
+foreground blobs that lose every marker to the 5x5 opening (anything thinner than ~5 px:
+nuclei cut by the image edge, thin spindle nuclei) as instances instead of dropping them.
+Fed the ideal maps of the ground truth, hover_net's rule reaches PQ 0.889 / 0.919 / 0.926 on
+the three real 256-px test patches (every miss is such a sliver) and `keep_unmarked` reaches
+1.0 / 0.989 / 1.0 (tests/test_seg_postproc.py).
 """
 
 from __future__ import annotations
