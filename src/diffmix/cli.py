@@ -28,10 +28,11 @@ def _register_all() -> None:
     from diffmix.maps import cli as maps_cli
     from diffmix.metrics import cli as metrics_cli
     from diffmix.pipeline import cli as pipeline_cli
+    from diffmix.pipeline import commands as experiment_cli
     from diffmix.sdm import cli as sdm_cli
     from diffmix.seg import cli as seg_cli
 
-    for module in (data_cli, metrics_cli, maps_cli, sdm_cli, seg_cli, pipeline_cli):
+    for module in (data_cli, metrics_cli, maps_cli, sdm_cli, seg_cli, pipeline_cli, experiment_cli):
         module.register(app)
 
 

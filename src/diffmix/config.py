@@ -68,9 +68,13 @@ def build_config(
     area: str,
     preset: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    drop_none: bool = True,
 ) -> M:
     """Resolve a config: preset (shipped name or YAML path), then `overrides`, validated.
 
+    With `drop_none` (what CLIs want: an option left at None keeps the preset's value),
+    top-level None overrides are ignored; pass False to set a key to None explicitly.
     Validation errors become ConfigError naming the offending keys.
     """
     data: dict[str, Any] = {}
@@ -84,7 +88,7 @@ def build_config(
             data = load_preset(area, p)
             source = f"{area} preset {p!r}"
     if overrides:
-        data = deep_update(data, {k: v for k, v in overrides.items() if v is not None})
+        data = deep_update(data, {k: v for k, v in overrides.items() if v is not None or not drop_none})
     try:
         return model.model_validate(data)
     except ValidationError as exc:

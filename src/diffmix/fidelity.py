@@ -66,6 +66,7 @@ def label_fidelity(
     tile: int | None = None,
     scheme: str | ClassScheme | None = None,
     progress: bool = True,
+    keep_unmarked: bool = False,
 ) -> dict[str, Any]:
     """Run a trained segmenter over a (synthetic) dataset's images; score it against its labels.
 
@@ -73,13 +74,13 @@ def label_fidelity(
     segmenter_ckpt: a `diffmix seg train` checkpoint, trained on real data of the same scheme.
     device: None = CUDA when available, else CPU. batch_size, tile: tiled inference
         (`diffmix.seg.infer.predict_image`); the default tile is the network's own size.
+    keep_unmarked: post-processing option of `diffmix.seg.postproc.postprocess`.
     Returns `score_fidelity`'s dict plus "segmenter" and "dataset" (paths, when known).
     """
     from tqdm.auto import tqdm
 
-    from diffmix.seg.infer import predict_image
+    from diffmix.seg.infer import segment_image
     from diffmix.seg.models import load_segmenter
-    from diffmix.seg.postproc import postprocess
 
     if not isinstance(synth_dataset, Dataset):
         synth_dataset = read_dataset(synth_dataset, scheme)
@@ -96,8 +97,9 @@ def label_fidelity(
         )
     labels, preds, names = [], [], []
     for sample in tqdm(synth_dataset.samples, desc="fidelity", unit="image", disable=not progress):
-        np_prob, hv, tp = predict_image(model, sample.image, tile=tile, batch_size=batch_size, device=device)
-        inst_map, type_map, _ = postprocess(np_prob, hv, tp)
+        inst_map, type_map, _ = segment_image(
+            model, sample.image, tile=tile, batch_size=batch_size, device=device, keep_unmarked=keep_unmarked
+        )
         labels.append((sample.inst_map, sample.type_map))
         preds.append((inst_map, type_map))
         names.append(sample.name)

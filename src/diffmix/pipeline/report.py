@@ -1,0 +1,254 @@
+"""The experiment report: a Table-1 layout, class-distribution charts, a sample grid, fidelity.
+
+Writes `report.md`, a self-contained `report.html` (figures embedded as base64 PNG, also kept
+as files under `figures/`) and `results.json`. Pure presentation: every number comes from the
+`results` dict the experiment measured.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from diffmix.data.schemes import ClassScheme
+from diffmix.runs import atomic_path, atomic_write_text, write_json
+
+ARM_LABELS = {
+    "baseline": "Baseline",
+    "gradmix": "GradMix",
+    "diffmix_b": "DiffMix-B",
+    "diffmix_e": "DiffMix-E",
+    "diffmix": "DiffMix",
+}
+SEG_COLUMNS = [("dice", "Dice"), ("aji", "AJI"), ("dq", "DQ"), ("sq", "SQ"), ("pq", "PQ"), ("acc", "Acc")]
+# A fixed colour per class id (0 = background): readable on white, distinct for up to 6 classes.
+CLASS_COLOURS = np.array(
+    [[0, 0, 0], [230, 159, 0], [0, 114, 178], [0, 158, 115], [204, 121, 167], [213, 94, 0], [86, 180, 233]],
+    dtype=np.uint8,
+)
+
+
+def table_columns(scheme: ClassScheme) -> list[tuple[str, str]]:
+    """(key, header) of every Table-1 column: segmentation metrics, Acc, then F per class."""
+    return SEG_COLUMNS + [(f"f1_{c}", f"F {scheme.class_name(c)}") for c in scheme.class_ids]
+
+
+def fold_row(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flatten one fold's evaluation (mean instance metrics + type stats) into table keys."""
+    row = {k: float(metrics["mean"][k]) for k in ("dice", "aji", "dq", "sq", "pq")}
+    row["acc"] = float(metrics["type"]["acc"])
+    for cls, value in metrics["type"]["f1"].items():
+        row[f"f1_{int(cls)}"] = float(value)
+    return row
+
+
+def summarise(folds: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single fold) of every column."""
+    keys = sorted({k for f in folds for k in f})
+    mean = {k: float(np.mean([f[k] for f in folds if k in f])) for k in keys}
+    std = {
+        k: float(np.std([f[k] for f in folds if k in f], ddof=1)) if sum(k in f for f in folds) > 1 else 0.0
+        for k in keys
+    }
+    return {"mean": mean, "std": std}
+
+
+def best_per_column(summary: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str]) -> dict[str, set[str]]:
+    """Arms holding the highest mean per column (ties all marked)."""
+    best: dict[str, set[str]] = {}
+    for key in keys:
+        values = {arm: s["mean"].get(key) for arm, s in summary.items() if s["mean"].get(key) is not None}
+        if not values:
+            continue
+        top = max(values.values())
+        best[key] = {arm for arm, v in values.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)}
+    return best
+
+
+def _cell(mean: float | None, std: float | None, n_folds: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}" if n_folds > 1 else f"{mean:.3f}"
+
+
+def table1_markdown(results: Mapping[str, Any], scheme: ClassScheme) -> str:
+    cols = table_columns(scheme)
+    summary = {arm: r["summary"] for arm, r in results["arms"].items()}
+    best = best_per_column(summary, [k for k, _ in cols])
+    lines = ["| Arm | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
+    for arm, r in results["arms"].items():
+        cells = []
+        for key, _ in cols:
+            text = _cell(r["summary"]["mean"].get(key), r["summary"]["std"].get(key), len(r["folds"]))
+            cells.append(f"**{text}**" if arm in best.get(key, set()) else text)
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table1_html(results: Mapping[str, Any], scheme: ClassScheme) -> str:
+    cols = table_columns(scheme)
+    summary = {arm: r["summary"] for arm, r in results["arms"].items()}
+    best = best_per_column(summary, [k for k, _ in cols])
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h in cols)
+    rows = []
+    for arm, r in results["arms"].items():
+        cells = []
+        for key, _ in cols:
+            text = html.escape(_cell(r["summary"]["mean"].get(key), r["summary"]["std"].get(key), len(r["folds"])))
+            cells.append(f"<td class='best'>{text}</td>" if arm in best.get(key, set()) else f"<td>{text}</td>")
+        rows.append(f"<tr><th>{html.escape(ARM_LABELS.get(arm, arm))}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th>Arm</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def fidelity_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
+    header = ["Synthetic set", "images", "PQ", "Acc"] + [f"F {scheme.class_name(c)}" for c in scheme.class_ids]
+    rows = []
+    for name, fid in results.get("fidelity", {}).items():
+        f1 = {int(k): v for k, v in fid.get("f1", {}).items()}
+        rows.append(
+            [name, str(fid.get("n_images", "")), f"{fid['pq']:.3f}", f"{fid['acc']:.3f}"]
+            + [f"{f1[c]:.3f}" if c in f1 else "-" for c in scheme.class_ids]
+        )
+    return header, rows
+
+
+def class_distribution_figure(counts: Mapping[str, Mapping[int, int]], scheme: ClassScheme, path: Path) -> Path:
+    """Grouped bars: nuclei per class for the original labels and each custom map kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(counts)
+    classes = list(scheme.class_ids)
+    width = 0.8 / max(1, len(sets))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, normalise in zip(axes, (False, True)):
+        for i, name in enumerate(sets):
+            c = counts[name]
+            total = sum(c.values()) or 1
+            values = [c.get(k, 0) / total if normalise else c.get(k, 0) for k in classes]
+            xs = np.arange(len(classes)) + (i - (len(sets) - 1) / 2) * width
+            ax.bar(xs, values, width, label=name)
+        ax.set_xticks(np.arange(len(classes)))
+        ax.set_xticklabels([scheme.class_name(k) for k in classes], rotation=15)
+        ax.set_ylabel("share of nuclei" if normalise else "nuclei")
+        ax.set_title("class proportions" if normalise else "class counts")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def label_rgb(inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
+    """A label map as an RGB picture: class colours on white, instance edges dark."""
+    from diffmix.maps.conditioning import instance_edges
+
+    out = np.full(inst_map.shape + (3,), 255, dtype=np.uint8)
+    fg = inst_map > 0
+    out[fg] = CLASS_COLOURS[np.clip(type_map[fg], 0, len(CLASS_COLOURS) - 1)]
+    out[instance_edges(inst_map) & fg] = (40, 40, 40)
+    return out
+
+
+def sample_grid_figure(rows: Sequence[Sequence[tuple[str, np.ndarray | None]]], path: Path) -> Path:
+    """One row per example, one column per (title, RGB image); None cells are left blank."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.1 * n_cols, 2.2 * n_rows), squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(row):
+                title, image = row[c]
+                if image is not None:
+                    ax.imshow(image, interpolation="nearest")
+                if r == 0:
+                    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def _embed(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'/>"
+
+
+def write_report(
+    out: Path,
+    results: Mapping[str, Any],
+    scheme: ClassScheme,
+    figures: Mapping[str, Path],
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write report.md, report.html and results.json into `out`; returns their paths."""
+    out = Path(out)
+    title = f"DiffMix experiment: {results.get('name', '')}".strip()
+    n_folds = results.get("folds", "")
+    md = [f"# {title}", ""]
+    md += [f"Dataset: `{results.get('dataset', '')}` (scheme {scheme.name}); folds: {n_folds}; "
+           f"test images: {results.get('n_test_images', '')}. Mean ± std over folds; best per column in bold.", ""]
+    md += ["## Table 1", "", table1_markdown(results, scheme), ""]
+    fh, frows = fidelity_rows(results, scheme)
+    if frows:
+        md += ["## Label fidelity", "",
+               "A segmenter trained on real data only (baseline, fold 0) is scored against the label maps "
+               "the synthetic images were generated for.", "",
+               "| " + " | ".join(fh) + " |", "|" + "---|" * len(fh)]
+        md += ["| " + " | ".join(r) + " |" for r in frows]
+        md.append("")
+    for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
+                         ("samples", "Samples: original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
+        if key in figures:
+            md += [f"## {caption}", "", f"![{key}]({Path(figures[key]).relative_to(out).as_posix()})", ""]
+    if notes:
+        md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    report_md = out / "report.md"
+    atomic_write_text(report_md, "\n".join(md))
+
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f"<p>Dataset: <code>{html.escape(str(results.get('dataset', '')))}</code> (scheme {html.escape(scheme.name)}); "
+             f"folds: {n_folds}; test images: {results.get('n_test_images', '')}. Mean ± std over folds; "
+             "best per column highlighted.</p>",
+             "<h2>Table 1</h2>", table1_html(results, scheme)]
+    if frows:
+        parts.append("<h2>Label fidelity</h2><p>A segmenter trained on real data only (baseline, fold 0) scored "
+                     "against the label maps the synthetic images were generated for.</p>")
+        parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in fh) + "</tr>"
+                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in frows)
+                     + "</table>")
+    for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
+                         ("samples", "Samples: original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
+        if key in figures:
+            parts.append(f"<h2>{html.escape(caption)}</h2>{_embed(Path(figures[key]))}")
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
+             "text-align:right;font-size:14px}th{background:#f2f2f2}td.best{font-weight:bold;background:#e6f4ea}"
+             "img{max-width:100%}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+    report_html = out / "report.html"
+    atomic_write_text(report_html, page)
+    results_json = out / "results.json"
+    write_json(results_json, results)
+    return {"md": report_md, "html": report_html, "json": results_json}
