@@ -237,7 +237,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--start-fraction", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=3)
-
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0: torch's default; 1 avoids OpenMP oversubscription on a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gpu-patches", type=int, default=8)
     ap.add_argument("--gpu-steps", type=int, default=5)
