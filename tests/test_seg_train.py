@@ -184,8 +184,9 @@ def test_resume_after_kill9_continues_identically(toy_folder, tmp_path):
     preset.write_text(yaml.safe_dump({**TINY, "phase1_epochs": 2, "phase2_epochs": 4, "samples_per_epoch": 32,
                                       "checkpoint_every": 3}))
     common = ["--train", str(toy_folder), "--preset", str(preset), "--threads", "1", "--no-progress"]
+    # The uninterrupted reference runs in this process (same thread count, same arithmetic).
     ref = tmp_path / "ref"
-    subprocess.run(_cli_script(["seg", "train", str(ref), *common]), check=True, timeout=300)
+    train_segmenter(str(toy_folder), ref, resolve_config(preset), preset=str(preset), progress=False, num_threads=1)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli_script(["seg", "train", str(out), *common]))
     log_path = out / "log.jsonl"
@@ -254,6 +255,25 @@ def test_cli_train_with_extra_counts_and_errors(toy_folder, tmp_path, capsys):
               "--pretrained", str(tmp_path / "weights.tar")])
     assert exc.value.code == 2
     assert "HoVer-Net encoders only" in capsys.readouterr().err
+
+
+def test_cli_infer_writes_consep_labels_for_a_trained_checkpoint(toy, toy_folder, tmp_path, capsys):
+    """`diffmix seg infer` on a `seg train` checkpoint writes one CoNSeP .mat per image."""
+    from diffmix.cli import main
+    from diffmix.data.io import read_mat_labels
+
+    final = train_segmenter(toy, tmp_path / "run", {**TINY, "phase1_epochs": 0, "phase2_epochs": 1},
+                            progress=False, num_threads=1)
+    out = tmp_path / "pred"
+    main(["seg", "infer", str(final), str(toy_folder), str(out), "--no-progress"])
+    assert "4 image(s) segmented" in capsys.readouterr().out
+    mats = sorted((out / "Labels").glob("*.mat"))
+    assert [m.stem for m in mats] == [s.name for s in toy.samples]
+    labels = read_mat_labels(mats[0])
+    assert labels["inst_map"].shape == toy.samples[0].inst_map.shape
+    with pytest.raises(SystemExit) as exc:
+        main(["seg", "infer", str(tmp_path / "none.safetensors"), str(toy_folder), str(tmp_path / "p2")])
+    assert exc.value.code == 2
 
 
 # --------------------------------------------------------------------------- learning floor

@@ -82,7 +82,7 @@ def _as_source(obj: Any, default_count: int | None = None) -> Source:
     if isinstance(obj, tuple):
         obj, count = obj
     ds = obj if isinstance(obj, Dataset) else read_dataset(obj)
-    label = str(ds.root) if ds.root is not None else f"<in-memory {len(ds)} samples>"
+    label = str(Path(ds.root).resolve()) if ds.root is not None else f"<in-memory {len(ds)} samples>"
     return Source(ds, None if count is None else int(count), label)
 
 
