@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         phase1_epochs: Optional[int] = typer.Option(None, help="Epochs of phase 1 (encoder frozen)."),
         phase2_epochs: Optional[int] = typer.Option(None, help="Epochs of phase 2 (all trained)."),
         batch_size: Optional[int] = typer.Option(None, help="Batch size per process (both phases)."),
-        samples_per_epoch: Optional[int] = typer.Option(None, help="Patches per epoch (default: every sample once)."),
+        samples_per_epoch: Optional[int] = typer.Option(None, help="Patches per epoch (default: every planned crop once, see crops_per_sample)."),
         seed: Optional[int] = typer.Option(None, help="Seed of initialisation and of the patch stream."),
         pretrained: Optional[Path] = typer.Option(None, help="Local ImageNet encoder weights (HoVer-Net presets)."),
         msge: Optional[str] = typer.Option(None, help="MSGE derivatives: paper (default) or official."),

@@ -8,7 +8,9 @@ patches the uninterrupted run would have drawn, without saving loader state.
 Mixing (the pipeline issue decides the sizes): each source is a `Dataset` with an optional
 sample count. `count=None` uses every sample of the source once per epoch; `count=n` uses n
 samples, drawn once per run without replacement (with replacement only beyond the source's
-size), so e.g. "original + 500 synthetic patches" is one list of sources.
+size), so e.g. "original + 500 synthetic patches" is one list of sources. A sample larger than
+the patch contributes several random crops per epoch (`crops_of`, default by area), so large
+tiles (CoNSeP 1000x1000) and small synthetic patches (256x256) weigh by their pixel area.
 
 Patch geometry per model (see `diffmix.seg.models`): the patch is the model's `input_size`
 (256 for hovernet-fast, 270 for hovernet-original) or the configured `patch_size` for the small
@@ -44,8 +46,28 @@ class Source:
     label: str = ""
 
 
-def mix_plan(sources: Sequence[Source], seed: int) -> list[tuple[int, int]]:
-    """The (source index, sample index) pairs one epoch iterates over (before shuffling)."""
+def crops_of(sample: NucleiSample, patch_size: int, crops: int | str = 1) -> int:
+    """How many random crops one sample contributes per epoch.
+
+    "area": floor(H / patch) * floor(W / patch), at least 1, so a 1000x1000 CoNSeP tile gives
+    9 crops of 256 per epoch and a 256x256 synthetic patch gives 1: every pixel is seen about
+    once per epoch, as with hover_net's pre-extracted patch lists. An int: that many per sample.
+    """
+    if crops == "area":
+        h, w = sample.inst_map.shape
+        return max(1, (h // patch_size) * (w // patch_size))
+    if not isinstance(crops, int) or crops < 1:
+        raise ConfigError(f"crops_per_sample must be 'area' or an integer >= 1, got {crops!r}")
+    return crops
+
+
+def mix_plan(
+    sources: Sequence[Source], seed: int, patch_size: int | None = None, crops: int | str = 1
+) -> list[tuple[int, int]]:
+    """The (source index, sample index) pairs one epoch iterates over (before shuffling).
+
+    A sample appears `crops_of(sample, patch_size, crops)` times (each time a different crop).
+    """
     plan: list[tuple[int, int]] = []
     for si, src in enumerate(sources):
         n = len(src.dataset)
@@ -62,6 +84,10 @@ def mix_plan(sources: Sequence[Source], seed: int) -> list[tuple[int, int]]:
         plan.extend((si, int(i)) for i in order)
     if not plan:
         raise ConfigError("the training mix is empty (every source has count 0)")
+    if crops != 1:
+        if patch_size is None and crops == "area":
+            raise ValueError("crops='area' needs the patch size")
+        plan = [e for e in plan for _ in range(crops_of(sources[e[0]].dataset.samples[e[1]], patch_size or 1, crops))]
     return plan
 
 
@@ -120,10 +146,11 @@ class PatchItems(torch.utils.data.Dataset):
         augment: bool = True,
         jitter: float = 0.1,
         samples_per_epoch: int | None = None,
+        crops: int | str = 1,
     ) -> None:
         self.sources = list(sources)
         self.num_classes = check_schemes(self.sources)
-        self.plan = mix_plan(self.sources, seed)
+        self.plan = mix_plan(self.sources, seed, patch_size, crops)
         self.patch_size = int(patch_size)
         self.crop_margin = int(crop_margin)
         if self.patch_size - 2 * self.crop_margin <= 0:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,7 +62,12 @@ class SegTrainConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.999)
     lr_step_fraction: float = Field(default=0.5, gt=0, le=1)
     lr_gamma: float = Field(default=0.1, gt=0, le=1)
-    samples_per_epoch: int | None = Field(default=None, ge=1)
+    samples_per_epoch: int | None = Field(
+        default=None, ge=1, description="patches per epoch; None = every planned crop once"
+    )
+    crops_per_sample: Literal["area"] | int = Field(
+        default="area", description="random crops of one sample per epoch: 'area' = floor(H/P)*floor(W/P)"
+    )
     augment: bool = True
     colour_jitter: float = Field(default=0.1, ge=0, le=0.5)
     seed: int = 0
@@ -206,7 +211,7 @@ def train_segmenter(
 
     items = PatchItems(
         sources, patch_size, margin, seed=cfg.seed, augment=cfg.augment,
-        jitter=cfg.colour_jitter, samples_per_epoch=cfg.samples_per_epoch,
+        jitter=cfg.colour_jitter, samples_per_epoch=cfg.samples_per_epoch, crops=cfg.crops_per_sample,
     )
     total_epochs = cfg.phase1_epochs + cfg.phase2_epochs
     for phase, bs in ((1, cfg.batch_size), (2, cfg.batch_size_phase2)):
