@@ -319,7 +319,11 @@ def test_sample_command_writes_dataset_with_the_maps(toy, tmp_path, one_thread):
         # per-patch noise: the batch size changes nothing beyond float rounding
         assert np.abs(sa.image.astype(int) - sb.image.astype(int)).max() <= 1
     provenance = json.loads((tmp_path / "a" / "dataset.json").read_text())["provenance"]
-    assert provenance["start_t"] == 400 and provenance["weights"] == "ema"  # ddim10: index 4 -> t 400
+    assert provenance["start_t"] == 400 and provenance["weights"] == "auto"  # ddim10: index 4 -> t 400
+    # the raw weights give a different (but equally labelled) dataset
+    main(args + ["--out", str(tmp_path / "raw"), "--weights", "model"])
+    raw = read_dataset(tmp_path / "raw")
+    assert any(not np.array_equal(x.image, y.image) for x, y in zip(raw, a))
     # an existing output folder is refused before any work
     with pytest.raises(SystemExit) as exc:
         main(args + ["--out", str(tmp_path / "a")])
@@ -336,3 +340,28 @@ def test_sample_command_writes_dataset_with_the_maps(toy, tmp_path, one_thread):
         main(bad)
     assert exc.value.code == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_import_command_then_sample(toy, tmp_path, one_thread):
+    """`sdm import` turns an official-layout .pt state dict into a file `sdm sample` runs."""
+    torch.manual_seed(0)
+    model = UNetModel(UNetConfig(**TINY_UNET, label_nc=6))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.save(model.state_dict(), tmp_path / "official.pt")
+    main(["sdm", "import", str(tmp_path / "official.pt"), str(tmp_path / "imported.safetensors"),
+          "--image-size", "16", "--num-head-channels", "32"])
+    from diffmix.sdm.sampler import load_sampling_model
+
+    loaded, label_nc = load_sampling_model(tmp_path / "imported.safetensors")
+    assert label_nc == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    main(["sdm", "sample", str(tmp_path / "imported.safetensors"), "--maps", str(toy), "--out", str(tmp_path / "s"),
+          "--steps", "4", "--no-progress"])
+    assert len(list((tmp_path / "s" / "Images").glob("*.png"))) == 2
+    with pytest.raises(SystemExit) as exc:  # a bad weights choice is a user error
+        main(["sdm", "sample", str(tmp_path / "imported.safetensors"), "--maps", str(toy), "--out",
+              str(tmp_path / "t"), "--weights", "best", "--no-progress"])
+    assert exc.value.code == 2

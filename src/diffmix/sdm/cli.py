@@ -71,7 +71,7 @@ def sample_cmd(
     eta: float = typer.Option(0.0, help="DDIM eta (0: deterministic after the first noising)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Patches per forward batch (each runs as 2x for CFG)."),
     seed: int = typer.Option(0, help="Seed of the start noise (patch i uses a generator seeded with seed and i)."),
-    weights: str = typer.Option("ema", help="Weights of a training checkpoint: ema (official) or model."),
+    weights: str = typer.Option("auto", help="auto (EMA when present, the official choice), ema or model."),
     scheme: Optional[str] = typer.Option(None, help="Class scheme of a raw maps dataset without dataset.json."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -90,11 +90,17 @@ def sample_cmd(
 def import_cmd(
     src: Path = typer.Argument(..., help="Official SDM/DiffMix checkpoint (.pt), read with weights_only=True."),
     dst: Path = typer.Argument(..., help="Output .safetensors file."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", help="Training image size, for U-Nets whose channel_mult is not an SDM default."
+    ),
+    num_head_channels: Optional[int] = typer.Option(
+        None, "--num-head-channels", help="Channels per attention head, if not SDM's 64 (not readable from shapes)."
+    ),
 ) -> None:
     """Convert an authors' released SDM checkpoint into a safetensors file `sdm sample` loads."""
     from diffmix.sdm.convert import import_checkpoint
 
-    config = import_checkpoint(src, dst)
+    config = import_checkpoint(src, dst, image_size=image_size, num_head_channels=num_head_channels)
     typer.echo(f"sdm import: wrote {dst} (label_nc {config.label_nc}, image_size {config.image_size})")
 
 

@@ -134,25 +134,20 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def load_sampling_model(
-    path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "auto"
 ) -> tuple[torch.nn.Module, int]:
     """(U-Net in eval mode, label_nc) from a `sdm train` checkpoint or an imported official file.
 
-    Training checkpoints give the `weights` of choice ("ema", the official choice, or "model");
-    anything else is handed to `diffmix.sdm.convert.load_unet` (imported authors' weights).
+    `weights`: "auto" takes the EMA when the file has one (the official choice, spec 3), else
+    the raw weights; "ema" or "model" force one. Only those tensors are read from disk
+    (`diffmix.sdm.convert.load_unet`), not the optimiser state of a training checkpoint.
     """
-    from diffmix.runs import load_checkpoint
-
-    _, meta = load_checkpoint(path)
-    if "unet_config" in meta and "train_config" in meta:
-        from diffmix.sdm.train import load_trained_unet
-
-        model, config, _ = load_trained_unet(path, device, weights)  # type: ignore[arg-type]
-        return model, config.label_nc
     from diffmix.sdm.convert import load_unet
 
-    model, config = load_unet(path, device)
-    return model.eval(), config.label_nc
+    if weights not in ("auto", "ema", "model"):
+        raise ConfigError(f"weights must be auto, ema or model, got {weights!r}")
+    model, config = load_unet(path, device, weights)
+    return model, config.label_nc
 
 
 def synthesize(
@@ -218,7 +213,7 @@ def synthesize_dataset(
     eta: float = 0.0,
     batch_size: int = 8,
     seed: int = 0,
-    weights: str = "ema",
+    weights: str = "auto",
     scheme: str | None = None,
     device: str | None = None,
     progress: bool = False,

@@ -405,20 +405,15 @@ def load_trained_unet(
     """A U-Net from a `diffmix sdm train` checkpoint, in eval mode: (model, config, meta).
 
     spec 3: sampling uses the EMA weights; `weights="model"` gives the raw ones (useful while
-    the 0.9999 EMA still holds mostly the initial weights).
+    the 0.9999 EMA still holds mostly the initial weights). Reads only those tensors.
     """
-    state, meta = load_checkpoint(path)
-    if "unet_config" not in meta:
-        raise CheckpointError(f"{path}: not a diffmix SDM training checkpoint (no unet_config)")
-    if weights not in state:
-        raise CheckpointError(f"{path}: holds no {weights!r} weights (has {sorted(state)})")
-    config = UNetConfig.model_validate(meta["unet_config"])
-    model = UNetModel(config)
-    try:
-        model.load_state_dict(state[weights])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the stored U-Net config ({exc})") from None
-    return model.to(device).eval(), config, meta
+    from diffmix.sdm.convert import load_unet
+
+    _, meta = load_checkpoint(path, only=[])
+    if "train_config" not in meta:
+        raise CheckpointError(f"{path}: not a diffmix SDM training checkpoint")
+    model, config = load_unet(path, device, weights)
+    return model, config, meta
 
 
 __all__ = [
