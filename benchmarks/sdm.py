@@ -12,6 +12,14 @@ label map: y0 patches re-synthesised under their own label map SHIFTED by `--shi
 (the map of the crop `--shift` px down-right in the same image); mean luminance inside the
 shifted map's nuclei, on the background of both, and where y0's own nuclei were. Prints JSON.
 
+Measured on the shared 2-core machine (threads 1, defaults): 1.17x at max |diff| 4e-7, short
+of the 1.5x target. Why: this U-Net is compute-bound on CPU (12.3 GFLOP per 64-px forward, 72%
+of it in SPADE convs), and batching the two passes or fusing attention leaves the FLOPs as they
+are. What would reach it needs the U-Net: the encoder is label-free, so the two passes could
+share it (6% of FLOPs here, 17% in the paper config), and with the all-zero null label every
+SPADE's gamma/beta is constant away from a 1-px border, so the null pass could skip the SPADE
+convs (72% here, 35% in the paper config).
+
     python benchmarks/sdm.py [--patches 1] [--size 64] [--steps 100] [--start-fraction 0.1] [--threads 1]
     python benchmarks/sdm.py --conditioning run/ckpt_0000200.safetensors --maps toy
 """
@@ -133,6 +141,8 @@ def cpu_benchmark(args) -> dict:
             ours_s = min(ours_s, s)
             s, refx = timed(lambda: reference_sample(ref, y0, cond, noise, args.steps, frac, 1.5), 1)
             ref_s = min(ref_s, s)
+    from diffmix.sdm.unet import estimate_flops
+
     diff = (ours - refx).abs().max().item()
     n_steps = int(args.steps * frac)
     return {
@@ -140,6 +150,7 @@ def cpu_benchmark(args) -> dict:
         "threads": torch.get_num_threads(),
         "config": config.model_dump(mode="json"),
         "patches": args.patches,
+        "gflops_per_forward_per_patch": round(estimate_flops(config) / 1e9, 2),
         "ddim_steps_run": n_steps,
         "ours_seconds": round(ours_s, 3),
         "reference_seconds": round(ref_s, 3),
