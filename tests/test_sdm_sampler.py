@@ -16,6 +16,15 @@ from diffmix.sdm.sampler import diffmix_sample, start_index, to_uint8
 DIFF = GaussianDiffusion.linear()
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convs run fastest single-threaded, and the test machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_start_index_integer_arithmetic():
     assert start_index(100, "0.55") == 54
     assert start_index(100, 0.55) == 54
@@ -161,3 +170,73 @@ def test_to_uint8_round_half_up():
     assert exact.sum() > 10
     got = torch.from_numpy(to_uint8(cand)[0, 0, :, 0].astype(np.int64))
     assert torch.equal(got[exact], (k[exact] + 1).long())
+
+
+# ------------------------------------------------------------------ the UNetModel fast path
+
+
+def _unet(seed: int = 0):
+    """A tiny SDM U-Net with every weight non-zero (three levels: 16, 8, 4 px maps)."""
+    from diffmix.sdm.unet import UNetConfig, UNetModel
+
+    torch.manual_seed(seed)
+    config = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                        attention_resolutions=(4,), num_head_channels=32, label_nc=5)
+    model = UNetModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("scale, label_cache", [(1.5, None), (1.5, False), (1.0, None), (3.0, True)])
+def test_unet_fast_path_equals_plain_two_pass(scale, label_cache):
+    model = _unet(0)
+    gen = torch.Generator().manual_seed(4)
+    y0 = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1
+    cls = torch.randint(0, 4, (2, 16, 16), generator=gen)
+    cond = torch.cat([torch.nn.functional.one_hot(cls, 4).permute(0, 3, 1, 2).float(),
+                      (torch.rand(2, 1, 16, 16, generator=gen) > 0.8).float()], 1)
+    noise = torch.randn(y0.shape, generator=gen)
+    kw = dict(steps=100, start_fraction="0.04", guidance_scale=scale, noise=noise)
+    calls = []
+
+    def plain(x, t, y):  # the generic path: not a UNetModel, so one plain forward per step
+        calls.append(x.shape[0])
+        return model(x, t, y)
+
+    with torch.no_grad():
+        fast = diffmix_sample(model, y0, cond, label_cache=label_cache, **kw)
+        slow = diffmix_sample(plain, y0, cond, **kw)
+    assert calls == [4 if scale > 1 else 2] * 4
+    assert (fast - y0).abs().mean() > 1e-2  # the model really acted
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_label_cache_follows_budget(monkeypatch):
+    import diffmix.sdm.sampler as sampler_mod
+    from diffmix.sdm.unet import SPADELabels
+
+    made = []
+
+    class Spy(SPADELabels):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    assert sampler_mod.label_cache_budget(torch.device("cpu")) == 2 * 2**30
+    monkeypatch.setattr(sampler_mod, "SPADELabels", Spy)
+    model = _unet(1)
+    y0, cond = torch.zeros(1, 3, 16, 16), torch.ones(1, 5, 16, 16)
+    need = model.label_cache_bytes(1, 16, 16)
+    kw = dict(steps=100, start_fraction="0.02", noise=torch.zeros_like(y0))
+    with torch.no_grad():
+        monkeypatch.setattr(sampler_mod, "label_cache_budget", lambda device: need)
+        a = diffmix_sample(model, y0, cond, **kw)
+        monkeypatch.setattr(sampler_mod, "label_cache_budget", lambda device: need - 1)
+        b = diffmix_sample(model, y0, cond, **kw)
+        c = diffmix_sample(model, y0, cond, label_cache=True, **kw)
+    assert [(m.store, m.null) for m in made] == [(True, True), (False, True), (True, True)]
+    assert len(made[0]._cond) > 0 and len(made[1]._cond) == 0  # only a storing one keeps them
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a, c, atol=1e-6, rtol=0)

@@ -18,6 +18,7 @@ from diffmix.sdm.unet import (
     AttentionBlock,
     GroupNorm32,
     SPADEGroupNorm,
+    SPADELabels,
     UNetConfig,
     UNetModel,
     build_unet,
@@ -344,3 +345,94 @@ def test_paper_flop_estimate_equals_flop_counter_on_meta_device() -> None:
     assert estimate_macs(config, batch=4) == 4 * estimate_macs(config)
     with pytest.raises(ValueError, match="divisible by 32"):
         estimate_macs(config, image_size=100)
+
+
+# ------------------------------------------------------------------ guided pair and label reuse
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 2), (2, 2), (3, 3), (2, 7), (5, 4), (9, 9)])
+def test_null_modulation_equals_convs_of_zero_label(size: tuple[int, int]) -> None:
+    torch.manual_seed(7)
+    spade = SPADEGroupNorm(64, label_nc=5)
+    with torch.no_grad():
+        for p in spade.parameters():
+            p.normal_(0.0, 0.3)  # biases large enough that ReLU keeps part of the hidden vector
+        hidden = F.relu(spade.mlp_shared[0].bias)
+        assert 0 < torch.count_nonzero(hidden) < hidden.numel()
+        like = torch.empty(2, 64, *size)
+        scale, shift = spade.null_modulation(size, like)
+        ref_scale, ref_shift = spade.modulation(torch.zeros(1, 5, 16, 16), size)
+    assert scale.shape == shift.shape == (1, 64, *size)
+    torch.testing.assert_close(scale, ref_scale, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shift, ref_shift, atol=1e-5, rtol=1e-5)
+    if min(size) >= 3:  # the border ring really differs from the interior
+        for edge in ((0, 1), (-1, 1), (1, 0), (1, -1), (0, 0)):
+            assert (shift[..., edge[0], edge[1]] - shift[..., 1, 1]).abs().max() > 1e-3
+
+
+# three levels, so the decoder has SPADEs on 1x1 and 2x2 maps at 4 px
+DEEP = dict(image_size=8, channel_mult=(1, 2, 2), attention_resolutions=(2,))
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (8, 8), (4, 12)])
+def test_forward_guided_equals_two_forwards(hw: tuple[int, int]) -> None:
+    config = _tiny(**DEEP)
+    model = _randomised(config, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, *hw, generator=gen)
+    y = (torch.rand(2, 6, *hw, generator=gen) > 0.6).float()
+    t = torch.tensor([30, 870])
+    with torch.no_grad():
+        cond, null = model(x, t, y), model(x, t, torch.zeros_like(y))
+        got_cond, got_null = model.forward_guided(x, t, y)
+    assert got_cond.shape == got_null.shape == (2, 6, *hw)
+    torch.testing.assert_close(got_cond, cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_null, null, atol=1e-5, rtol=1e-5)
+    assert (cond - null).abs().mean() > 1e-3  # the pair really differs
+
+
+def test_spade_labels_reuse_modulations_across_calls() -> None:
+    config = _tiny(**DEEP)
+    model = _randomised(config, seed=10)
+    x, t, y = _inputs(config, seed=11)
+    spades = [m for m in model.modules() if isinstance(m, SPADEGroupNorm)]
+    guided = SPADELabels(y, null=True)
+    plain = SPADELabels(y)
+    with torch.no_grad():
+        for step_t in (t, (t + 321) % 1000):  # later calls read the stored modulations
+            pair = model.forward_guided(x, step_t, y, labels=guided)
+            torch.testing.assert_close(pair[0], model(x, step_t, y), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pair[1], model(x, step_t, torch.zeros_like(y)), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(x, step_t, y, labels=plain), pair[0], atol=1e-5, rtol=1e-5)
+    assert len(guided._cond) == len(guided._null) == len(plain._cond) == len(spades)
+    stored = sum(a.nbytes + b.nbytes for table in (guided._cond, guided._null) for a, b in table.values())
+    assert stored == model.label_cache_bytes(2, 8, 8)
+    assert sum(a.nbytes + b.nbytes for a, b in plain._cond.values()) == model.label_cache_bytes(2, 8, 8, null=False)
+    # the paper config's figure quoted in the sampler: 1.9 GiB per patch in bf16
+    paper = build_unet(UNetConfig.paper(6), "meta")
+    assert paper.label_cache_bytes(1, 256, 256, torch.bfloat16) / 2**30 == pytest.approx(1.898, abs=1e-3)
+
+
+def test_spade_labels_must_belong_to_y() -> None:
+    config = _tiny()
+    model = _randomised(config)
+    x, t, y = _inputs(config)
+    with torch.no_grad(), pytest.raises(ValueError, match="this very y"):
+        model.forward_guided(x, t, y, labels=SPADELabels(y.clone(), null=True))
+    with torch.no_grad(), pytest.raises(ValueError, match="this very y"):
+        model.forward_guided(x, t, y, labels=SPADELabels(y))
+    with torch.no_grad(), pytest.raises(ValueError, match="without null rows"):
+        model(x, t, y, labels=SPADELabels(y, null=True))
+
+
+def test_forward_guided_with_gradients() -> None:
+    config = _tiny()
+    model = _randomised(config, seed=12)
+    x, t, y = _inputs(config, seed=13)
+    cond, null = model.forward_guided(x, t, y)
+    (cond.square().mean() + null.square().mean()).backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (model(x, t, y).square().mean() + model(x, t, torch.zeros_like(y)).square().mean()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
