@@ -84,6 +84,9 @@ class SynthStage(BaseModel):
     guidance_scale: float = 1.5
     eta: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=8, ge=1)
+    # Patches per map kind, spread evenly over the grid of every image (None = the whole grid):
+    # what a CPU run can afford; each fold still draws from its own training images.
+    max_patches: int | None = Field(default=None, ge=1)
     balance: dict[str, Any] = Field(default_factory=dict)  # extra balance_dataset arguments
     enlarge: dict[str, Any] = Field(default_factory=dict)  # extra enlarge_dataset arguments
 
@@ -280,6 +283,7 @@ class Experiment:
                 train, self.sdm_checkpoint(), out, maps=kind, patch=s.patch, stride=s.stride, steps=s.steps,
                 start_fraction=s.start_fraction, guidance_scale=s.guidance_scale, eta=s.eta,
                 batch_size=s.batch_size, seed=self.cfg.seed, device=self.device, progress=self.progress,
+                max_patches=s.max_patches,
                 balance_kwargs=s.balance or None, enlarge_kwargs=s.enlarge or None,
             )
             (out / "DONE").write_text("ok\n")
@@ -416,16 +420,19 @@ class Experiment:
         return results
 
     def class_counts(self) -> dict[str, dict[int, int]]:
-        """Nuclei per class in the original patches and in each synthetic set, on the synthesis
-        grid (patches overlap, so every set is counted per patch the same way)."""
+        """Nuclei per class in the original patches and in each synthetic set, counted over the
+        same grid patches (the ones synthesised; patches overlap, so each is counted as a patch)."""
         train, _ = self.datasets()
         s = self.cfg.synthesis
-        grid = _subset(train, [p for img in train for p in grid_patches(img, s.patch, s.stride)], "grid")
-        counts = {"original": grid.class_counts()}
         names = {"balance": "balancing maps", "enlarge": "enlarging maps", "gradmix": "GradMix"}
-        for kind in ("balance", "enlarge", "gradmix"):
-            if any(kind in ARM_SETS[a] for a in self.cfg.arms):
-                counts[names[kind]] = self.synthetic(kind).class_counts()
+        kinds = [k for k in names if any(k in ARM_SETS[a] for a in self.cfg.arms)]
+        sets = {k: self.synthetic(k) for k in kinds}
+        grid = [p for img in train for p in grid_patches(img, s.patch, s.stride)]
+        sdm_sets = [sets[k] for k in kinds if k != "gradmix"]
+        keep = set(sdm_sets[0].names) if sdm_sets else {p.name for p in grid}
+        counts = {"original": _subset(train, [p for p in grid if p.name in keep], "grid").class_counts()}
+        for kind in kinds:
+            counts[names[kind]] = _subset(sets[kind], [p for p in sets[kind] if p.name in keep], kind).class_counts()
         return counts
 
 
