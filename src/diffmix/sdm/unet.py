@@ -13,6 +13,12 @@ What differs from the official code, on purpose, without changing the maths:
   official attention blocks (which always checkpoint), only when `use_checkpoint` is set;
 - the output is returned in the input's dtype (fp32 for fp32 inputs even under autocast).
 
+For sampling with classifier-free guidance, `UNetModel.forward_guided` returns the conditional
+and null-label outputs of one (x, t) at once: the label-free encoder runs once, the null label's
+SPADE modulations come from a 3x3 evaluation (exact: see `SPADEGroupNorm.null_modulation`), and a
+storing `SPADELabels` keeps every SPADE's (1 + gamma, beta) across the DDIM steps of one run,
+since they depend on the label map only.
+
 Shapes: x (B, in_channels, H, W) float in [-1, 1]-ish; timesteps (B,) original step 0..999
 (the network always sees the original t, spec 4 respacing); y (B, label_nc, H, W) float, the
 conditioning tensor of spec 1 (K+1 one-hot channels plus the instance-edge channel), all zeros
@@ -518,7 +524,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class UNetModel(nn.Module):
-    """The SDM U-Net (spec 2). `forward(x, timesteps, y)` -> (B, out_channels, H, W).
+    """The SDM U-Net (spec 2). `forward(x, timesteps, y)` -> (B, out_channels, H, W);
+    `forward_guided(x, timesteps, y)` -> (conditional, null-label) outputs for sampling.
 
     Module tree (names equal the official ones): `time_embed`, `input_blocks` (stem conv, then per
     level `num_res_blocks` ResBlocks [+ attention] and a down-sampling ResBlock except at the last
