@@ -21,7 +21,9 @@ run instead of once per step (28 MiB here; `UNetModel.label_cache_bytes`).
 
 Measured on the shared 2-core machine, defaults (10 DDIM steps), max |diff| 4e-7 for every
 variant: threads 1: ours 3.43x, no label cache 1.69x, batched forward 1.20x; threads 2: ours
-2.14x, no label cache 1.32x, batched forward 1.13x (under a load average of ~3.5).
+2.14x, no label cache 1.32x, batched forward 1.13x (under a load average of ~3.5). With the
+paper's 55 steps (--start-fraction 0.55 --repeats 2, threads 1): ours 3.53x (7.4 s vs 26.1 s per
+patch), no label cache 1.56x, batched forward 1.07x, max |diff| 2.2e-6.
 
     python benchmarks/sdm.py [--patches 1] [--size 64] [--steps 100] [--start-fraction 0.1] [--threads 1]
     python benchmarks/sdm.py --conditioning run/ckpt_0000200.safetensors --maps toy
