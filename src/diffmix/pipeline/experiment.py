@@ -243,7 +243,8 @@ class Experiment:
         train, _ = self.datasets()
         out = self.out / "sdm"
         done = out / "DONE"
-        cfg = resolve_train_config(self.cfg.sdm.preset, self.cfg.sdm.overrides, train.scheme.num_classes)
+        overrides = {"seed": self.cfg.seed, **self.cfg.sdm.overrides}  # an explicit sdm seed wins
+        cfg = resolve_train_config(self.cfg.sdm.preset, overrides, train.scheme.num_classes)
         if not done.exists():
             t0 = time.perf_counter()
             train_sdm(train.samples, train.scheme.num_classes, out, cfg, device=self.device,
