@@ -68,7 +68,9 @@ def test_summary_and_table() -> None:
     assert s["mean"]["pq"] == pytest.approx(0.6) and s["std"]["pq"] == pytest.approx(0.1414213562)
     summary = {"baseline": s, "diffmix": summarise([{"pq": 0.6, "acc": 0.9, "f1_1": 0.2}] * 2)}
     best = best_per_column(summary, ["pq", "acc", "f1_1"])
-    assert best == {"pq": {"baseline", "diffmix"}, "acc": {"diffmix"}, "f1_1": {"baseline", "diffmix"}}
+    assert best == {"acc": {"diffmix"}}  # pq and f1_1 tie across every arm: nothing is best
+    three = {**summary, "gradmix": summarise([{"pq": 0.1, "acc": 0.1, "f1_1": 0.1}])}
+    assert best_per_column(three, ["pq"]) == {"pq": {"baseline", "diffmix"}}
     results = {"arms": {a: {"folds": folds, "summary": summary[a]} for a in summary}}
     md = table1_markdown(results, CONSEP)
     assert "| Baseline |" in md and "**0.850 ± 0.071**" not in md and "**0.900 ± 0.000**" in md

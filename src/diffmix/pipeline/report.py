@@ -59,14 +59,17 @@ def summarise(folds: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float
 
 
 def best_per_column(summary: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str]) -> dict[str, set[str]]:
-    """Arms holding the highest mean per column (ties all marked)."""
+    """Arms holding the highest mean per column (ties all marked; a column where every arm
+    has the same value marks none, since nothing is best there)."""
     best: dict[str, set[str]] = {}
     for key in keys:
         values = {arm: s["mean"].get(key) for arm, s in summary.items() if s["mean"].get(key) is not None}
         if not values:
             continue
         top = max(values.values())
-        best[key] = {arm for arm, v in values.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)}
+        marked = {arm for arm, v in values.items() if math.isclose(v, top, rel_tol=0, abs_tol=1e-12)}
+        if len(marked) < len(values) or len(values) == 1:
+            best[key] = marked
     return best
 
 
