@@ -198,3 +198,19 @@ def test_real_patches(shared_data):
     for a, b in zip(ds.samples, out_no):
         assert (b.inst_map > 0).sum() == (a.inst_map > 0).sum()
         assert len(b.inst_ids()) == len(a.inst_ids())
+
+
+def test_enlarge_patch_of_a_strided_view_keeps_its_nuclei() -> None:
+    # Regression: labels read from .mat files are Fortran-ordered and a grid patch is a view of
+    # them; the movers were written into a temporary copy (ravel of a non-C-ordered array) and
+    # silently vanished.
+    full = np.zeros((128, 128), np.int32, order="F")
+    full[90:100, 90:100] = 5  # inside the 8-px frame: movable
+    full[66:70, 100:110] = 9  # touches the frame of the patch below: frozen
+    view = full[64:128, 64:128]
+    types = (view > 0).astype(np.int32) * 2
+    assert not view.flags["C_CONTIGUOUS"]
+    inst, out_types, info = enlarge_patch(view, types, rng=np.random.default_rng(0), frame=8, shift_range=(-4, 3))
+    assert sorted(np.unique(inst).tolist()) == [0, 1, 2]
+    assert (inst > 0).sum() == (view > 0).sum()  # nothing overwritten: both nuclei keep their area
+    assert set(np.unique(out_types[inst > 0]).tolist()) == {2}

@@ -62,8 +62,10 @@ def enlarge_patch(
       `kept_in_place`: movable ids whose every draw was rejected (no_overlap only);
       `id_map`: {input-remapped id: output id} for the nuclei that survive.
     """
-    inst0 = np.asarray(inst_map)
-    types0 = np.asarray(type_map)
+    # Views of a larger map (a grid patch sliced from a full image) are not C-contiguous;
+    # everything below indexes flat pixel positions, so take a C-ordered copy first.
+    inst0 = np.ascontiguousarray(inst_map)
+    types0 = np.ascontiguousarray(type_map)
     if inst0.ndim != 2 or inst0.shape != types0.shape:
         raise DataError(f"enlarging needs equal HxW inst and type maps, got {inst0.shape} and {types0.shape}")
     lo, hi = (int(v) for v in shift_range)
@@ -139,7 +141,7 @@ def _place_faithful(inst: np.ndarray, frozen: np.ndarray, shifts: np.ndarray) ->
     order = np.lexsort((mid, lin))
     lin, mid = lin[order], mid[order]
     last = np.append(lin[1:] != lin[:-1], True)
-    out.ravel()[lin[last]] = mid[last]
+    out[lin[last] // w, lin[last] % w] = mid[last]  # 2-D indices: correct for any memory layout
     return out
 
 
