@@ -187,6 +187,8 @@ class Experiment:
         self.log = JsonlLog(self.out / "stages.jsonl")
         self._train: Dataset | None = None
         self._test: Dataset | None = None
+        self._synthetic: dict[str, Dataset] = {}
+        self._manifests: dict[str, dict[str, str]] = {}
 
     # ---- data
     def datasets(self) -> tuple[Dataset, Dataset]:
@@ -260,7 +262,13 @@ class Experiment:
 
     # ---- synthetic sets
     def synthetic(self, kind: str) -> Dataset:
-        """The synthetic dataset of one kind: 'balance', 'enlarge' (SDM) or 'gradmix'."""
+        """The synthetic dataset of one kind: 'balance', 'enlarge' (SDM) or 'gradmix' (made once,
+        read once: folds, fidelity, counts and figures all use the same in-memory copy)."""
+        if kind not in self._synthetic:
+            self._synthetic[kind] = self._make_synthetic(kind)
+        return self._synthetic[kind]
+
+    def _make_synthetic(self, kind: str) -> Dataset:
         train, _ = self.datasets()
         out = self.out / "synth" / kind
         if kind == "gradmix":
@@ -299,16 +307,11 @@ class Experiment:
         return sample_name.rsplit("_", 1)[0]
 
     def _manifest(self, kind: str) -> dict[str, str]:
-        cache = getattr(self, "_manifests", {})
-        if kind not in cache:
+        if kind not in self._manifests:
             path = self.out / "synth" / kind / "manifest.json"
-            table: dict[str, str] = {}
-            if path.exists():
-                for rec in json.loads(path.read_text()).get("patches", []):
-                    table[rec["name"]] = rec["source_image"]
-            cache[kind] = table
-            self._manifests = cache
-        return cache[kind]
+            records = json.loads(path.read_text()).get("patches", []) if path.exists() else []
+            self._manifests[kind] = {rec["name"]: rec["source_image"] for rec in records}
+        return self._manifests[kind]
 
     # ---- downstream
     def original_patches(self, names: Sequence[str]) -> Dataset:
