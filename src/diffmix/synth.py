@@ -301,21 +301,11 @@ def load_sdm(
             "and synthesise from OUT.safetensors"
         )
     model, _ = load_unet(path, device, weights=weights)
-    meta = _checkpoint_meta(path)
+    from diffmix.runs import checkpoint_meta
+
+    meta = checkpoint_meta(path)
     steps = int((meta.get("train_config") or {}).get("diffusion_steps", 1000))
     return model, GaussianDiffusion.linear(steps), meta
-
-
-def _checkpoint_meta(path: Path) -> dict[str, Any]:
-    """The diffmix metadata of a safetensors checkpoint, read from its header only."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get("diffmix_meta", "{}")
-        return json.loads(raw)
-    except Exception as exc:  # load_unet has read the file already; this is belt and braces
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({exc})") from None
 
 
 def _model_config(model: torch.nn.Module) -> Any:
