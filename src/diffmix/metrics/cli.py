@@ -33,6 +33,16 @@ def evaluate(
         None, "--classes", help="Explicit class list, e.g. 1,2,3,4; merges nothing."
     ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    compat: Optional[str] = typer.Option(
+        None, "--compat", help="hovernet: type statistics exactly as hover_net's run_nuclei_type_stat "
+        "(dummy (0,0) nucleus of type 0 for an image without nuclei, NaN for 0/0)."
+    ),
+    pannuke: bool = typer.Option(False, "--pannuke", help="Also PanNuke's mPQ and bPQ (per class, per tissue)."),
+    conic: bool = typer.Option(False, "--conic", help="Also CoNIC's mPQ+ and per-class PQ (pooled over images)."),
+    tissues: Optional[Path] = typer.Option(
+        None, "--tissues", help="Tissue of each image for --pannuke: .json {name: tissue}, .csv name,tissue, "
+        "or PanNuke's types.npy."
+    ),
 ) -> None:
     """Dice, AJI, AJI+, DQ/SQ/PQ per image and pooled type F1 (official HoVer-Net numbers)."""
     from diffmix.data.schemes import get_scheme
@@ -42,8 +52,16 @@ def evaluate(
         raise ConfigError("give --scheme or --classes, not both")
     class_ids = _parse_classes(classes) if classes is not None else None
     resolved = get_scheme(scheme) if scheme is not None else None
-    result = evaluate_folders(pred, true, scheme=resolved, class_ids=class_ids)
+    result = evaluate_folders(
+        pred, true, scheme=resolved, class_ids=class_ids, compat=compat, pannuke=pannuke, conic=conic, tissues=tissues
+    )
     typer.echo(format_table(result, resolved))
+    if compat is not None:
+        typer.echo(f"  (type statistics: --compat {compat})")
+    if pannuke or conic:
+        from diffmix.metrics.panoptic import format_panoptic
+
+        typer.echo("\n" + format_panoptic(result, resolved.classes if resolved is not None else None))
     if scheme is None and classes is None:
         typer.echo("  (classes: those present in the ground truth; pass --scheme or --classes)")
     if json_out is not None:

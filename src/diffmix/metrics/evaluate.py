@@ -252,6 +252,11 @@ def evaluate_folders(
     true_dir: str | Path,
     scheme: str | Path | ClassScheme | None = None,
     class_ids: Sequence[int] | None = None,
+    *,
+    compat: str | None = None,
+    pannuke: bool = False,
+    conic: bool = False,
+    tissues: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a folder of predictions against a folder of ground truth.
 
@@ -259,6 +264,7 @@ def evaluate_folders(
         merged through it (unless `dataset.json` says they already are); predictions are
         taken as already merged. class_ids: an explicit class list, nothing merged.
         Give at most one; with neither, the classes present in the ground truth are used.
+    compat, pannuke, conic, tissues: the optional metrics of `field_metrics`.
     Files pair by the name before the first dot; a name on one side only is a PairingError.
     """
     if scheme is not None and class_ids is not None:
@@ -284,7 +290,68 @@ def evaluate_folders(
                 f"{t.name}: ground truth {np.shape(t.inst_map)} and prediction "
                 f"{np.shape(p.inst_map)} differ in size"
             )
-    return evaluate_labels(true, pred, class_ids)
+    result = evaluate_labels(true, pred, class_ids)
+    return field_metrics(result, true, pred, class_ids, compat=compat, pannuke=pannuke, conic=conic, tissues=tissues)
+
+
+#: `--compat` modes: whose dataset-level type statistics replace diffmix's.
+COMPAT_MODES = ("hovernet",)
+
+
+def field_metrics(
+    result: dict[str, Any],
+    true: Sequence[LabelFile],
+    pred: Sequence[LabelFile],
+    class_ids: Sequence[int] | None,
+    *,
+    compat: str | None = None,
+    pannuke: bool = False,
+    conic: bool = False,
+    tissues: str | Path | None = None,
+) -> dict[str, Any]:
+    """Add the numbers other tools report to an evaluation result (changed in place, returned).
+
+    compat "hovernet": "type" becomes hover_net's `run_nuclei_type_stat` values
+        (`diffmix.metrics.compat`: a dummy (0, 0) nucleus of type 0 for an empty side, NaN for
+        0/0, class list with the dummy's 0 when none is given) and "compat": "hovernet" is
+        added; "type_counts" is dropped (its per-image counts have no dummy points).
+    pannuke: "pannuke" = PanNuke mPQ/bPQ per class, tissue and image; tissues: a file giving
+        each image's tissue (`diffmix.metrics.panoptic.read_tissues`), PanNuke only.
+    conic: "conic" = CoNIC mPQ+ and per-class PQ pooled over images.
+    class_ids None: the classes present in the ground truth (pannuke/conic).
+    """
+    from diffmix.metrics.panoptic import classed_instances, conic_pq, pannuke_pq, read_tissues
+
+    if compat is not None and compat not in COMPAT_MODES:
+        raise DataError(f"unknown compat mode {compat!r}: use one of {', '.join(COMPAT_MODES)}")
+    if tissues is not None and not pannuke:
+        raise DataError("tissue labels are used by PanNuke's mPQ/bPQ only: add --pannuke")
+    typed = all(x.types is not None for x in (*true, *pred))
+    if compat == "hovernet":
+        from diffmix.metrics.compat import hovernet_type_stats
+
+        if not typed:
+            raise DataError("--compat hovernet needs class information (inst_type or type_map) in every file")
+        images = [(t.centroids, t.types, p.centroids, p.types) for t, p in zip(true, pred)]
+        try:
+            result["type"] = hovernet_type_stats(images, class_ids)
+        except DataError as exc:
+            raise DataError(f"type statistics (--compat hovernet): {exc}") from None
+        result.pop("type_counts", None)
+        result["compat"] = compat
+    if pannuke or conic:
+        names = [t.name for t in true]
+        t_cls = [classed_instances(f"{t.name} (ground truth)", t.inst_map, t.types) for t in true]
+        p_cls = [classed_instances(f"{p.name} (prediction)", p.inst_map, p.types) for p in pred]
+        if class_ids is None:
+            present = np.concatenate([c.types for c in t_cls] or [np.zeros(0, np.int64)])
+            class_ids = sorted(int(c) for c in np.unique(present) if c > 0)
+        if pannuke:
+            groups = read_tissues(tissues, names) if tissues is not None else None
+            result["pannuke"] = pannuke_pq(t_cls, p_cls, class_ids, groups, names)
+        if conic:
+            result["conic"] = conic_pq(t_cls, p_cls, class_ids, names)
+    return result
 
 
 # --------------------------------------------------------------------------- output
@@ -311,5 +378,16 @@ def format_table(result: dict[str, Any], scheme: ClassScheme | None = None) -> s
 
 
 def to_json(result: dict[str, Any]) -> str:
-    """The `--json` text: the result structure, class ids as string keys."""
-    return json.dumps(result, indent=2) + "\n"
+    """The `--json` text: the result structure, class ids as string keys; NaN (hover_net's
+    0/0 under --compat) is written as null, so the file is strict JSON."""
+    return json.dumps(_finite(result), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
