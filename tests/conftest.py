@@ -15,3 +15,29 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "real_he_labeled").is_dir():
         pytest.skip(f"real test data not found at {SHARED_DATA} (../shared is absent in this checkout)")
     return SHARED_DATA
+
+
+def consep_tiles(split: str, every: int = 1) -> list:
+    """Every `every`-th 256-px tile of the real CoNSeP copy in ../shared/data/consep as
+    NucleiSample (classes already merged; read straight from its compact storage, so a test
+    needs no assembled copy). Skips when the copy is absent."""
+    import numpy as np
+    import scipy.io as sio
+    from PIL import Image
+
+    from diffmix.data.sample import NucleiSample
+
+    root = SHARED_DATA / "consep"
+    if not (root / f"inst_{split}.npz").is_file():
+        pytest.skip(f"real CoNSeP not found at {root} (../shared is absent in this checkout)")
+    npz = np.load(root / f"inst_{split}.npz")
+    out = []
+    for name, inst in list(zip(npz["names"], npz["inst"]))[::every]:
+        name = str(name)
+        image = np.asarray(Image.open(root / "images" / split / f"{name}.jpg").convert("RGB"))
+        types = sio.loadmat(root / "type_mat" / split / f"{name}.mat")["inst_type"].ravel().astype(np.int32)
+        inst = inst.astype(np.int32)
+        lut = np.zeros(int(inst.max()) + 1, np.int32)
+        lut[np.unique(inst[inst > 0])] = types
+        out.append(NucleiSample(image=image, inst_map=inst, type_map=lut[inst], name=name))
+    return out

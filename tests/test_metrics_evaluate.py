@@ -54,7 +54,7 @@ def test_evaluate_samples_structure_and_values():
         class_ids=[1, 2],
         names=["a", "b"],
     )
-    assert list(result) == ["per_image", "mean", "type", "n_images"]
+    assert list(result) == ["per_image", "mean", "type", "type_counts", "n_images"]
     assert list(result["per_image"]) == ["a", "b"] and result["n_images"] == 2
     assert result["per_image"]["a"] == instance_metrics(t1, p1)
     assert list(result["per_image"]["a"]) == KEYS and list(result["mean"]) == KEYS
@@ -66,6 +66,14 @@ def test_evaluate_samples_structure_and_values():
     assert result["type"]["f1_d"] == 4 / (4 + 2)
     assert result["type"]["acc"] == 0.5
     assert result["type"]["f1"] == {1: 2 / (2 + 2 + 1), 2: 0 / (2 + 1)}
+    # the per-image counts behind the pooled numbers, by hand: image a pairs (1,1) and (2,1);
+    # image b misses a class-1 and a class-2 nucleus.
+    counts = result["type_counts"]
+    assert counts["class_ids"] == [1, 2]
+    assert counts["columns"][:4] == ["tp_d", "fp_d", "fn_d", "agree"]
+    assert counts["columns"][4:9] == ["1_tp", "1_fp", "1_fn", "1_fp_d", "1_fn_d"]
+    assert counts["per_image"]["a"] == [2, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0]
+    assert counts["per_image"]["b"] == [0, 0, 2, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
     json.dumps(result)  # serialisable as is
 
 
@@ -195,7 +203,7 @@ def test_cli_table_and_exact_json(consep_folders, tmp_path, capsys):
     assert code == 0, err
     assert "img_1" in out and "mean (2)" in out and "F1_d 1.0000" in out and "spindle" in out
     data = json.loads(out_json.read_text())
-    assert list(data) == ["per_image", "mean", "type", "n_images"]
+    assert list(data) == ["per_image", "mean", "type", "type_counts", "n_images"]
     assert list(data["type"]) == ["f1_d", "acc", "f1"]
     assert list(data["type"]["f1"]) == ["1", "2", "3", "4"]
     assert data["n_images"] == 2

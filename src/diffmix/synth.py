@@ -41,7 +41,7 @@ import torch
 
 from diffmix.data.io import Dataset, read_dataset, write_dataset_json, write_sample
 from diffmix.data.patches import crop, grid_offsets, patch_name
-from diffmix.data.sample import NucleiSample, remap_ids
+from diffmix.data.sample import NucleiSample, compact_ids, remap_ids
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import CheckpointError, ConfigError, DataError
 from diffmix.runs import JsonlLog, atomic_write_text, prepare_run_folder, write_json
@@ -111,10 +111,11 @@ def _job_name(source: str, index: int, kind: str, both: bool) -> str:
 
 def _spread(n: int, k: int | None) -> list[int]:
     """k indices spread evenly over range(n) (all of them when k is None or >= n)."""
+    if k is not None and k < 1:
+        # 0 used to plan nothing and exit successfully having made nothing
+        raise ConfigError(f"max_patches must be >= 1 (or unset for the whole grid), got {k}")
     if k is None or k >= n:
         return list(range(n))
-    if k < 0:
-        raise ConfigError(f"max_patches must be >= 0, got {k}")
     return [(i * n) // k for i in range(k)]
 
 
@@ -151,6 +152,12 @@ def plan_jobs(
                     )
                 )
         jobs.extend(per_kind[j] for j in _spread(len(per_kind), max_patches))
+    if not jobs:
+        sizes = sorted({s.shape for s in dataset.samples})
+        raise DataError(
+            f"{dataset.root or 'dataset'}: no {patch}-px grid patch fits in its images (sizes {sizes[:5]}); "
+            "use a smaller patch size"
+        )
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -159,6 +166,35 @@ def plan_jobs(
 
 
 # --------------------------------------------------------------------------- label maps
+
+
+def check_map_kwargs(kind: str, kwargs: Mapping[str, Any], scheme: ClassScheme) -> None:
+    """ConfigError for extra arguments of a map kind that the map function would refuse.
+
+    `kwargs` are passed on to `balance_dataset` (kind "balance") or `enlarge_patch` ("enlarge"),
+    but only when the first patch needs its maps, after the run folder exists. Here the names
+    are checked against the function's signature and the values by running it once on an
+    empty 8x8 label map, which goes through the same validation as the real call.
+    """
+    import inspect
+
+    from diffmix.maps.balance import balance_dataset
+    from diffmix.maps.enlarge import enlarge_patch
+
+    func, fixed = (balance_dataset, {"samples"}) if kind == "balance" else (enlarge_patch, {"inst_map", "type_map", "rng"})
+    allowed = [n for n, p in inspect.signature(func).parameters.items() if n not in fixed and p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{kind} map arguments: unknown name(s) {unknown}; allowed: {allowed}")
+    empty = np.zeros((8, 8), dtype=np.int32)
+    try:
+        if kind == "balance":
+            sample = NucleiSample(np.zeros((8, 8, 3), dtype=np.uint8), empty, empty, "check", scheme.num_classes)
+            balance_dataset([sample], **{"minor_class": scheme.minor_class, **dict(kwargs)})
+        else:
+            enlarge_patch(empty, empty, rng=np.random.default_rng(0), **dict(kwargs))
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{kind} map arguments {dict(kwargs)}: {exc}") from None
 
 
 def _balance_maps(dataset: Dataset, seed: int, kwargs: Mapping[str, Any]) -> tuple[list[NucleiSample], dict]:
@@ -231,16 +267,14 @@ class _Labels:
 
 
 def _class_counts(inst_map: np.ndarray, type_map: np.ndarray, class_ids: Sequence[int]) -> dict[int, int]:
-    """Nuclei per class of one label map (every class listed), by bincount over instance ids."""
-    flat = inst_map.ravel().astype(np.int64)
-    fg = flat > 0
+    """Nuclei per class of one label map (every class listed), over the instances present."""
     counts = {int(c): 0 for c in class_ids}
-    if not fg.any():
+    ids, dense = compact_ids(inst_map)
+    if not ids.size:
         return counts
-    lut = np.zeros(int(flat.max()) + 1, dtype=np.int64)
-    lut[flat[fg]] = type_map.ravel()[fg]
-    present = np.flatnonzero(np.bincount(flat[fg]))
-    for cls, n in zip(*np.unique(lut[present], return_counts=True)):
+    classes = np.zeros(ids.size + 1, dtype=np.int64)
+    classes[dense.ravel()] = type_map.ravel()
+    for cls, n in zip(*np.unique(classes[1:], return_counts=True)):
         counts[int(cls)] = counts.get(int(cls), 0) + int(n)
     return counts
 
@@ -385,6 +419,20 @@ def read_manifest(out: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def source_images(dataset: Dataset) -> dict[str, str]:
+    """The training image each patch of a derived dataset was cut from, by patch name.
+
+    Synthetic sets record it in their manifest; grid patches without one (GradMix folders)
+    are named `<image>_<index>`, so the name without its last `_` part is the image.
+    """
+    records = {}
+    if dataset.root is not None:
+        manifest = read_manifest(dataset.root)
+        if manifest is not None:
+            records = {rec["name"]: rec["source_image"] for rec in manifest.get("patches", [])}
+    return {name: records.get(name, name.rsplit("_", 1)[0]) for name in dataset.names}
+
+
 def _known_records(out: Path) -> dict[str, dict[str, Any]]:
     """Every finished patch's record: the merged manifest plus records not merged yet."""
     records: dict[str, dict[str, Any]] = {}
@@ -520,16 +568,25 @@ def synthesize(
         "eta": float(eta),
         "weights": weights,
     }
+    from diffmix.runs import check_output_folder
     from diffmix.sdm.sampler import start_index
 
-    start_index(int(steps), sampler["start_fraction"])  # validate before any work
+    # Everything a mistake can break is checked before the run folder is made (design.md:
+    # nothing half-written), so a corrected command never meets "a different run" there.
+    start_index(int(steps), sampler["start_fraction"])
+    check_output_folder(out)
+    scheme_obj = dataset.scheme
+    num_classes = scheme_obj.num_classes
+    for kind, kwargs in (("balance", balance_kwargs), ("enlarge", enlarge_kwargs)):
+        if kind in kinds:
+            check_map_kwargs(kind, kwargs, scheme_obj)
+    jobs = plan_jobs(dataset, maps, patch=patch, stride=stride, seed=seed, max_patches=max_patches)
 
     info = init_distributed(None if device is None else str(device))
     ckpt = Path(ckpt)
     ckpt_sha = file_sha256(ckpt)
-    scheme_obj = dataset.scheme
-    num_classes = scheme_obj.num_classes
-    jobs = plan_jobs(dataset, maps, patch=patch, stride=stride, seed=seed, max_patches=max_patches)
+    model, diffusion, _ = load_sdm(ckpt, info.device, weights)
+    _check_model(model, num_classes, patch, ckpt)
 
     config = {
         "dataset_sha256": dataset_fingerprint(dataset),
@@ -552,16 +609,14 @@ def synthesize(
         **{k: v for k, v in config.items() if k not in ("checkpoint_sha256",)},
     }
     if info.is_main:
+        # also deletes the temporaries of a run killed mid-write; no process writes yet
         prepare_run_folder(out, config, kind="synthesize")
-        _remove_temporaries(out)  # left by a run killed mid-write; no process writes yet
         # written first so a partial folder already reads as merged labels, never re-merged
         write_dataset_json(out, scheme_obj, provenance)
     barrier()
     if not info.is_main:
-        prepare_run_folder(out, config, kind="synthesize")
+        prepare_run_folder(out, config, kind="synthesize", clean=False)
 
-    model, diffusion, _ = load_sdm(ckpt, info.device, weights)
-    _check_model(model, num_classes, patch, ckpt)
     label_args = (dataset, kinds, patch, stride, seed, balance_kwargs, enlarge_kwargs)
     labels: _Labels | None = None  # built on first need: a finished folder needs no maps
 
@@ -750,14 +805,4 @@ def _merge_manifest(
         for p in folder.iterdir():
             p.unlink(missing_ok=True)
         folder.rmdir()
-    _remove_temporaries(out)
     return manifest
-
-
-def _remove_temporaries(out: Path) -> None:
-    """Delete the hidden temporaries (`.NAME.*.tmp*`) that a killed atomic write leaves behind."""
-    for sub in ("Images", "Labels", RECORDS_DIR):
-        folder = out / sub
-        if folder.is_dir():
-            for p in folder.glob(".*.tmp*"):
-                p.unlink(missing_ok=True)

@@ -104,6 +104,60 @@ def _ratio(num: int, den: int, empty: float) -> float:
     return float(num / den) if den else empty
 
 
+#: Per-image counts behind the pooled statistics: detection (paired, unpaired pred, unpaired
+#: true, paired with equal types), then for each class (paired TP, paired FP, paired FN,
+#: unpaired pred, unpaired true). Pooled statistics are functions of their sums, so an
+#: interval over test images (diffmix.stats) resamples rows of this table.
+DETECTION_COUNTS = ("tp_d", "fp_d", "fn_d", "agree")
+CLASS_COUNTS = ("tp", "fp", "fn", "fp_d", "fn_d")
+
+
+def type_counts(
+    images: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+    class_ids: Sequence[int],
+    radius: float = PAIR_RADIUS,
+) -> np.ndarray:
+    """(n_images, 4 + 5 * len(class_ids)) int64: each image's DETECTION_COUNTS, then
+    CLASS_COUNTS for each class in `class_ids` order. `images` as for `type_stats`."""
+    rows = []
+    for k, (t_xy, t_type, p_xy, p_type) in enumerate(images):
+        t_xy = _as_centroids(t_xy, f"image {k}: true centroids")
+        p_xy = _as_centroids(p_xy, f"image {k}: pred centroids")
+        t_type = _as_types(t_type, t_xy.shape[0], f"image {k}: true types")
+        p_type = _as_types(p_type, p_xy.shape[0], f"image {k}: pred types")
+        pairs, lone_t, lone_p = pair_coordinates(t_xy, p_xy, radius)
+        pt, pp = t_type[pairs[:, 0]], p_type[pairs[:, 1]]
+        ut, up = t_type[lone_t], p_type[lone_p]
+        row = [pt.size, up.size, ut.size, np.count_nonzero(pt == pp)]
+        for cls in class_ids:
+            t_is, p_is = pt == int(cls), pp == int(cls)
+            row += [
+                np.count_nonzero(t_is & p_is),
+                np.count_nonzero(~t_is & p_is),  # paired, predicted cls, truly another
+                np.count_nonzero(t_is & ~p_is),
+                np.count_nonzero(up == int(cls)),
+                np.count_nonzero(ut == int(cls)),
+            ]
+        rows.append(row)
+    width = len(DETECTION_COUNTS) + len(CLASS_COUNTS) * len(class_ids)
+    return np.asarray(rows, dtype=np.int64).reshape(-1, width)
+
+
+def stats_from_counts(total: np.ndarray, class_ids: Sequence[int]) -> dict:
+    """`type_stats`'s dict from summed `type_counts` rows (the official formulas)."""
+    total = np.asarray(total, dtype=np.int64)
+    tp_d, fp_d, fn_d, agree = (int(v) for v in total[:4])
+    nothing = tp_d + fp_d + fn_d == 0
+    f1_d = _ratio(2 * tp_d, 2 * tp_d + fp_d + fn_d, 1.0)
+    acc = _ratio(agree, tp_d, 1.0 if nothing else 0.0)
+    f1: dict[int, float] = {}
+    for j, cls in enumerate(class_ids):
+        tp_t, fp_t, fn_t, fp_dt, fn_dt = (int(v) for v in total[4 + 5 * j : 9 + 5 * j])
+        # official _f1_type, w = (2, 2, 1, 1); its TN term is always 0 inside the subset.
+        f1[int(cls)] = _ratio(2 * tp_t, 2 * tp_t + 2 * fp_t + 2 * fn_t + fp_dt + fn_dt, 1.0)
+    return {"f1_d": f1_d, "acc": acc, "f1": f1}
+
+
 def type_stats(
     images: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
     class_ids: Sequence[int],
@@ -118,44 +172,7 @@ def type_stats(
     Returns {"f1_d": float, "acc": float, "f1": {class_id: float}} with the official
     formulas (module docstring), exact where the official code returns a number.
     """
-    paired_true: list[np.ndarray] = []
-    paired_pred: list[np.ndarray] = []
-    unpaired_true: list[np.ndarray] = []
-    unpaired_pred: list[np.ndarray] = []
-    for k, (t_xy, t_type, p_xy, p_type) in enumerate(images):
-        t_xy = _as_centroids(t_xy, f"image {k}: true centroids")
-        p_xy = _as_centroids(p_xy, f"image {k}: pred centroids")
-        t_type = _as_types(t_type, t_xy.shape[0], f"image {k}: true types")
-        p_type = _as_types(p_type, p_xy.shape[0], f"image {k}: pred types")
-        pairs, lone_t, lone_p = pair_coordinates(t_xy, p_xy, radius)
-        paired_true.append(t_type[pairs[:, 0]])
-        paired_pred.append(p_type[pairs[:, 1]])
-        unpaired_true.append(t_type[lone_t])
-        unpaired_pred.append(p_type[lone_p])
-    empty = np.zeros(0, dtype=np.int64)
-    pt = np.concatenate(paired_true) if paired_true else empty
-    pp = np.concatenate(paired_pred) if paired_pred else empty
-    ut = np.concatenate(unpaired_true) if unpaired_true else empty
-    up = np.concatenate(unpaired_pred) if unpaired_pred else empty
-
-    tp_d, fp_d, fn_d = int(pt.size), int(up.size), int(ut.size)
-    nothing = tp_d + fp_d + fn_d == 0
-    f1_d = _ratio(2 * tp_d, 2 * tp_d + fp_d + fn_d, 1.0)
-    agree = int(np.count_nonzero(pt == pp))
-    acc = _ratio(agree, tp_d, 1.0 if nothing else 0.0)
-
-    f1: dict[int, float] = {}
-    for cls in class_ids:
-        cls = int(cls)
-        t_is, p_is = pt == cls, pp == cls
-        tp_t = int(np.count_nonzero(t_is & p_is))
-        fp_t = int(np.count_nonzero(~t_is & p_is))  # paired, predicted cls, truly another
-        fn_t = int(np.count_nonzero(t_is & ~p_is))
-        fp_dt = int(np.count_nonzero(up == cls))
-        fn_dt = int(np.count_nonzero(ut == cls))
-        # official _f1_type, w = (2, 2, 1, 1); its TN term is always 0 inside the subset.
-        f1[cls] = _ratio(2 * tp_t, 2 * tp_t + 2 * fp_t + 2 * fn_t + fp_dt + fn_dt, 1.0)
-    return {"f1_d": f1_d, "acc": acc, "f1": f1}
+    return stats_from_counts(type_counts(images, class_ids, radius).sum(axis=0), class_ids)
 
 
 def instance_types_centroids(

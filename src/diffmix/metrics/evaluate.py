@@ -7,6 +7,7 @@ which is exactly what `diffmix evaluate --json` writes:
     {"per_image": {NAME: {"dice", "aji", "aji_plus", "dq", "sq", "pq"}},
      "mean": {same keys},                      # plain mean over images (official)
      "type": {"f1_d", "acc", "f1": {CLASS_ID: value}},   # pooled over images (official)
+     "type_counts": {"class_ids", "columns", "per_image": {NAME: counts}},  # behind "type"
      "n_images": N}
 
 Differences from the official script, all deliberate: a ground-truth file without a
@@ -27,7 +28,13 @@ import numpy as np
 
 from diffmix.data.schemes import ClassScheme, get_scheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
-from diffmix.metrics.classification import instance_types_centroids, type_stats
+from diffmix.metrics.classification import (
+    CLASS_COUNTS,
+    DETECTION_COUNTS,
+    instance_types_centroids,
+    stats_from_counts,
+    type_counts,
+)
 from diffmix.metrics.instance import INSTANCE_METRICS, instance_metrics
 
 LABEL_SUFFIXES = (".mat", ".npy")
@@ -89,13 +96,24 @@ def evaluate_labels(
         t_types = t.types if typed else np.zeros(len(t.centroids), dtype=np.int64)
         p_types = p.types if typed else np.zeros(len(p.centroids), dtype=np.int64)
         images.append((t.centroids, t_types, p.centroids, p_types))
+    classes = [int(c) for c in class_ids] if typed else []
     try:
-        stats = type_stats(images, class_ids if typed else ())
+        counts = type_counts(images, classes)
     except DataError as exc:
         raise DataError(f"type statistics: {exc}") from None
+    stats = stats_from_counts(counts.sum(axis=0), classes)
     if not typed:
         stats = {"f1_d": stats["f1_d"], "acc": None, "f1": {}}
-    return {"per_image": per_image, "mean": mean, "type": stats, "n_images": len(per_image)}
+    # The per-image counts behind the pooled statistics, for intervals over images (diffmix.stats).
+    columns = list(DETECTION_COUNTS) + [f"{c}_{name}" for c in classes for name in CLASS_COUNTS]
+    per_image_counts = {name: [int(v) for v in row] for name, row in zip(per_image, counts)}
+    return {
+        "per_image": per_image,
+        "mean": mean,
+        "type": stats,
+        "type_counts": {"class_ids": classes, "columns": columns, "per_image": per_image_counts},
+        "n_images": len(per_image),
+    }
 
 
 def evaluate_samples(

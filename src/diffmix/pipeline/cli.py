@@ -1,4 +1,4 @@
-"""Commands of the `pipeline` area: `diffmix synthesize` and `diffmix fidelity`.
+"""Commands of the `pipeline` area: `diffmix synthesize`, `diffmix fidelity` and `diffmix utility`.
 
 Each command is registered by its own function below, so later pipeline commands
 (`experiment`, `demo`) add their own without touching these.
@@ -59,8 +59,12 @@ def synthesize_cmd(
     from diffmix.runs import write_json
     from diffmix.synth import synthesize
 
+    from diffmix.runs import check_output_file
+
     if weights not in ("auto", "ema", "model"):
         raise ConfigError(f"--weights must be auto, ema or model, got {weights!r}")
+    if json_out is not None:
+        check_output_file(json_out)
     ds = read_dataset(dataset, scheme)
     try:
         report = synthesize(
@@ -104,10 +108,12 @@ def fidelity_cmd(
     """Label fidelity: PQ, type Acc and per-class F1 of a real-data segmenter against the label maps."""
     from diffmix.data.io import read_dataset
     from diffmix.fidelity import format_fidelity, label_fidelity
-    from diffmix.runs import write_json
+    from diffmix.runs import check_output_file, write_json
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if json_out is not None:
+        check_output_file(json_out)
     ds = read_dataset(synth, scheme)
     result = label_fidelity(ds, segmenter, device=device, batch_size=batch_size, progress=not quiet)
     typer.echo(format_fidelity(result, ds.scheme))
@@ -121,7 +127,75 @@ def register_fidelity(app: typer.Typer) -> None:
     app.command("fidelity")(fidelity_cmd)
 
 
+# --------------------------------------------------------------------------- utility
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers like 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give one or more distinct integers")
+    return seeds
+
+
+def utility_cmd(
+    synth: list[Path] = typer.Argument(None, help="Synthetic dataset folders whose nuclei are added (one arm each)."),
+    train: Path = typer.Option(..., "--train", help="Real training dataset (full images with labels)."),
+    test: Optional[Path] = typer.Option(None, "--test", help="Real dataset to score on (or use --folds/--fold)."),
+    folds: int = typer.Option(0, "--folds", help="Score on validation fold --fold of --train split into this many parts, instead of --test."),
+    fold: int = typer.Option(0, "--fold", help="Which validation fold (0-based) with --folds."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Classifier seeds per arm (comma-separated)."),
+    steps: int = typer.Option(800, "--steps", help="Optimiser steps per classifier (the same for every arm)."),
+    crop: int = typer.Option(32, "--crop", help="Crop side around each nucleus, px."),
+    width: int = typer.Option(12, "--width", help="Channels of the classifier's first block."),
+    control: bool = typer.Option(True, "--control/--no-control", help="Add the real-only arm with class-balanced sampling."),
+    scheme: Optional[str] = typer.Option(None, "--scheme", help="Class scheme of raw labels (folders diffmix wrote know theirs)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Utility: per-class F1 of a nucleus classifier on real nuclei, trained on real +/- synthetic nuclei."""
+    from diffmix.data.io import read_dataset
+    from diffmix.runs import write_json
+    from diffmix.utility import UtilitySettings, format_utility, utility_study
+
+    seed_list = _seed_list(seeds)
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if (test is None) == (folds == 0):
+        raise ConfigError("give either --test DATASET or --folds K --fold F (validation on --train)")
+    if folds and not 0 <= fold < folds:
+        raise ConfigError(f"--fold must be in 0..{folds - 1}, got {fold}")
+    settings = UtilitySettings(crop=crop, width=width, steps=steps)  # validated by nucleus_crops
+    real = read_dataset(train, scheme)
+    sets = {}
+    for folder in synth or []:
+        label = folder.name
+        if label in sets:
+            raise ConfigError(f"two synthetic sets are named {label!r}; give folders with distinct names")
+        sets[label] = read_dataset(folder, scheme)
+    if folds:
+        from diffmix.pipeline.experiment import validation_split
+
+        train_ds, test_ds, sets = validation_split(real, sets, folds, fold)
+    else:
+        train_ds, test_ds = real, read_dataset(test, scheme)
+    result = utility_study(train_ds, test_ds, sets, settings=settings, seeds=seed_list,
+                           balanced_control=control, progress=not quiet)
+    typer.echo(format_utility(result, real.scheme))
+    if json_out is not None:
+        write_json(json_out, result)
+        typer.echo(f"wrote {json_out}")
+
+
+def register_utility(app: typer.Typer) -> None:
+    """`diffmix utility [SYNTH ...] --train DATASET --test DATASET`."""
+    app.command("utility")(utility_cmd)
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the main `diffmix` app."""
     register_synthesize(app)
     register_fidelity(app)
+    register_utility(app)

@@ -160,6 +160,29 @@ def fold_splits(names: Sequence[str], folds: int, seed: int) -> list[list[str]]:
     return [sorted(names[i] for j, p in enumerate(parts) if j != f for i in p) for f in range(folds)]
 
 
+def validation_split(
+    real: Dataset, synthetic: Mapping[str, Dataset], folds: int, fold: int, seed: int = 0
+) -> tuple[Dataset, Dataset, dict[str, Dataset]]:
+    """(training part, validation part, synthetic sets cut from the training part only) of
+    fold `fold` of `fold_splits(real, folds, seed)`. Synthetic patches re-synthesised from a
+    validation image are dropped, so no validation image is seen through its re-synthesis
+    (docs/study.md: choices are made on these folds, never on the test set)."""
+    from diffmix.synth import source_images
+
+    if not 0 <= fold < folds:
+        raise ConfigError(f"fold must be in 0..{folds - 1}, got {fold}")
+    keep = set(fold_splits(real.names, folds, seed)[fold])
+    train = _subset(real, [s for s in real if s.name in keep], f"fold {fold} training part")
+    val = _subset(real, [s for s in real if s.name not in keep], f"fold {fold} validation part")
+    restricted = {}
+    for label, ds in synthetic.items():
+        src = source_images(ds)
+        restricted[label] = _subset(ds, [s for s in ds if src[s.name] in keep], f"{label}, fold {fold} training part")
+        if not len(restricted[label]):
+            raise DataError(f"{ds.root}: no patch comes from the training images of fold {fold}")
+    return train, val, restricted
+
+
 def arm_epochs(total: int) -> dict[str, int]:
     """Split an arm's epochs over HoVer-Net's two phases (half frozen encoder, half all)."""
     return {"phase1_epochs": total // 2, "phase2_epochs": total - total // 2}
