@@ -25,6 +25,7 @@ app = typer.Typer(
 
 def _register_all() -> None:
     from diffmix.data import cli as data_cli
+    from diffmix.data import geojson_cli
     from diffmix.maps import cli as maps_cli
     from diffmix.metrics import cli as metrics_cli
     from diffmix.pipeline import cli as pipeline_cli
@@ -32,7 +33,7 @@ def _register_all() -> None:
     from diffmix.sdm import cli as sdm_cli
     from diffmix.seg import cli as seg_cli
 
-    for module in (data_cli, metrics_cli, maps_cli, sdm_cli, seg_cli, pipeline_cli, experiment_cli):
+    for module in (data_cli, geojson_cli, metrics_cli, maps_cli, sdm_cli, seg_cli, pipeline_cli, experiment_cli):
         module.register(app)
 
 
