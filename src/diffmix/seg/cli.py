@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, help="Seed of initialisation and of the patch stream."),
         pretrained: Optional[Path] = typer.Option(None, help="Local ImageNet encoder weights (HoVer-Net presets)."),
         msge: Optional[str] = typer.Option(None, help="MSGE derivatives: paper (default) or official."),
+        augmentation: Optional[str] = typer.Option(
+            None, help="light (dihedral + colour jitter) or hovernet (the official affine/blur/colour pipeline); "
+            "default: the preset's."
+        ),
         checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default: every epoch)."),
         device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: CUDA when available)."),
         num_workers: int = typer.Option(0, help="DataLoader worker processes."),
@@ -65,6 +69,7 @@ def register(app: typer.Typer) -> None:
             "samples_per_epoch": samples_per_epoch,
             "seed": seed,
             "checkpoint_every": checkpoint_every,
+            "augmentation": augmentation,
         }
         if pretrained is not None:
             overrides["model"] = {"pretrained": str(pretrained)}

@@ -18,9 +18,14 @@ net; targets are centre-cropped by `crop_margin`. Sources smaller than the patch
 patches for a 270-input model) are mirror-padded (image reflected, labels padded with
 background, so no nucleus is duplicated; the padded band lies outside the 80x80 output window).
 
-Augmentation (a light version of hovernet_notes section 3): the 8 dihedral flips/rotations of
-`diffmix.data.patches`, then colour jitter (brightness, contrast, saturation, each uniform in
-+-`colour_jitter`). The official affine warp, blur/noise and hue jitter are not applied.
+Augmentation, one of two (`augmentation`):
+- "light" (the default): the 8 dihedral flips/rotations of `diffmix.data.patches`, then colour
+  jitter (brightness, contrast, saturation, each uniform in +-`colour_jitter`);
+- "hovernet": HoVer-Net's official pipeline with its ranges (`diffmix.seg.augment`): affine warp
+  (scale, shear, rotation, translation; nearest-neighbour, the same sampling for image and label
+  maps), flips, then blur/median/noise and hue, saturation, brightness, contrast jitter.
+Both draw from the item's generator, so either keeps items a pure function of (seed, epoch,
+position).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from diffmix.data.io import Dataset
 from diffmix.data.patches import dihedral_arrays
 from diffmix.data.sample import NucleiSample
 from diffmix.errors import ClassSchemeError, ConfigError
+
+
+#: Training augmentations of `PatchItems` (module docstring).
+AUGMENTATIONS = ("light", "hovernet")
 
 
 @dataclass(frozen=True)
@@ -147,6 +156,7 @@ class PatchItems(torch.utils.data.Dataset):
         jitter: float = 0.1,
         samples_per_epoch: int | None = None,
         crops: int | str = 1,
+        augmentation: str = "light",
     ) -> None:
         self.sources = list(sources)
         self.num_classes = check_schemes(self.sources)
@@ -157,6 +167,9 @@ class PatchItems(torch.utils.data.Dataset):
             raise ConfigError(f"patch size {patch_size} leaves no output after cropping {crop_margin} px per side")
         self.seed = int(seed)
         self.augment = augment
+        if augmentation not in AUGMENTATIONS:
+            raise ConfigError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}")
+        self.augmentation = augmentation
         self.jitter = float(jitter)
         self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
@@ -204,13 +217,19 @@ class PatchItems(torch.utils.data.Dataset):
         h, w = inst_map.shape
         y = int(rng.integers(0, h - size + 1))
         x = int(rng.integers(0, w - size + 1))
-        win = (slice(y, y + size), slice(x, x + size))
-        image, inst_map, type_map = image[win], inst_map[win], type_map[win]
-        k = int(rng.integers(0, 8)) if self.augment else 0
-        image, inst_map, type_map = dihedral_arrays(k, image, inst_map, type_map)
-        img = image.astype(np.float32) / 255.0
-        if self.augment:
-            img = colour_jitter(img, self.jitter, rng)
+        if self.augment and self.augmentation == "hovernet":
+            from diffmix.seg.augment import hovernet_augment
+
+            image, inst_map, type_map = hovernet_augment(image, inst_map, type_map, y, x, size, rng)
+            img = image.astype(np.float32) / 255.0
+        else:
+            win = (slice(y, y + size), slice(x, x + size))
+            image, inst_map, type_map = image[win], inst_map[win], type_map[win]
+            k = int(rng.integers(0, 8)) if self.augment else 0
+            image, inst_map, type_map = dihedral_arrays(k, image, inst_map, type_map)
+            img = image.astype(np.float32) / 255.0
+            if self.augment:
+                img = colour_jitter(img, self.jitter, rng)
         out = size - 2 * self.crop_margin
         targets = make_targets(inst_map, type_map, out_size=out if self.crop_margin else None)
         return {

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset
@@ -69,10 +69,24 @@ class SegTrainConfig(BaseModel):
         default="area", description="random crops of one sample per epoch: 'area' = floor(H/P)*floor(W/P)"
     )
     augment: bool = True
-    colour_jitter: float = Field(default=0.1, ge=0, le=0.5)
+    augmentation: Literal["light", "hovernet"] = Field(
+        default="light",
+        description="light: dihedral + colour jitter; hovernet: the official affine/flip/blur/colour "
+        "pipeline with its ranges (diffmix.seg.augment)",
+    )
+    colour_jitter: float = Field(default=0.1, ge=0, le=0.5, description="light augmentation only")
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1, description="steps; None = end of every epoch")
     keep_checkpoints: int = Field(default=2, ge=1)
+
+    @model_serializer(mode="wrap")
+    def _drop_default_augmentation(self, handler: Any) -> dict[str, Any]:
+        # The run identity (config.yaml) leaves out `augmentation` at its default, so run folders
+        # written before the option existed still resume instead of being "a different run".
+        data = handler(self)
+        if data.get("augmentation") == "light":
+            data.pop("augmentation")
+        return data
 
 
 def resolve_config(preset: str | Path | None = "cpu-tiny", overrides: Mapping[str, Any] | None = None) -> SegTrainConfig:
@@ -212,6 +226,7 @@ def train_segmenter(
     items = PatchItems(
         sources, patch_size, margin, seed=cfg.seed, augment=cfg.augment,
         jitter=cfg.colour_jitter, samples_per_epoch=cfg.samples_per_epoch, crops=cfg.crops_per_sample,
+        augmentation=cfg.augmentation,
     )
     total_epochs = cfg.phase1_epochs + cfg.phase2_epochs
     for phase, bs in ((1, cfg.batch_size), (2, cfg.batch_size_phase2)):
