@@ -1,9 +1,10 @@
 """HoVer-Net's training augmentation with the official ranges, identical on image and label maps.
 
 hover_net `dataloader/train_loader.py` (hovernet_notes 3) augments each 540x540 training
-patch with imgaug, then centre-crops the network input. imgaug is unmaintained (it does not run
-on numpy 2), so the same operations are done here with OpenCV, which is what imgaug's `cv2`
-backend and hover_net's own `augs.py` call underneath; only the parameter draws are ours.
+patch with imgaug, then centre-crops the network input. imgaug is unmaintained (its last
+release, 0.4.0, is from 2020), so the same operations are done here with OpenCV, already a
+dependency and what imgaug's `cv2` backend and hover_net's own `augs.py` call underneath; only
+the parameter draws and the composition are ours.
 
 Shape augmentation (`shape_augment`), one affine warp per item about the patch centre:
 
