@@ -17,7 +17,8 @@ MICRO = {
     "name": "micro",
     "seed": 0,
     "data": {"toy": {"n_train": 4, "n_test": 2, "size": 64, "seed": 3, "rare_fraction": 0.1}},
-    "folds": 2,
+    "folds": 1,
+    "seeds": 2,
     "sdm": {
         "preset": "cpu-tiny",
         "overrides": {"phase1_steps": 2, "phase2_steps": 1, "batch_size": 2, "checkpoint_every": 2,
@@ -32,6 +33,7 @@ MICRO = {
             "overrides": {"patch_size": 32, "batch_size": 4, "batch_size_phase2": 4, "samples_per_epoch": None,
                           "model": {"arch": "small", "width": 8, "depth": 2}}},
     "epochs": {"baseline": 2, "diffmix_b": 2, "diffmix_e": 2, "gradmix": 1, "diffmix": 1},
+    "utility": {"steps": 2, "width": 4, "crop": 16, "seeds": 2},
     "sample_rows": 2,
 }
 
@@ -89,10 +91,25 @@ def test_micro_experiment_all_arms(tmp_path: Path) -> None:
         for key in ("dice", "aji", "dq", "sq", "pq", "acc", "f1_1", "f1_2", "f1_3", "f1_4"):
             assert 0.0 <= r["summary"]["mean"][key] <= 1.0, (arm, key)
     assert set(results["fidelity"]) == {"DiffMix-B maps", "DiffMix-E maps", "GradMix"}
+    # two seeds of one fold: separate runs with their own training seed
+    assert sorted(p.name for p in (out / "seg" / "baseline").iterdir()) == ["fold0-seed0", "fold0-seed1"]
+    iv = results["intervals"]
+    assert iv["n_runs"] == 2 and iv["metrics"] == ["f1_1", "pq"]
+    assert set(iv["differences"]) == {"diffmix - baseline", "diffmix - gradmix", "diffmix_b - baseline", "gradmix - baseline"}
+    d = iv["differences"]["diffmix - baseline"]["pq"]
+    means = {a: results["arms"][a]["summary"]["mean"]["pq"] for a in ("diffmix", "baseline")}
+    assert d["estimate"] == pytest.approx(means["diffmix"] - means["baseline"])
+    assert d["low"] <= d["estimate"] <= d["high"]
+    assert list(results["utility"]["arms"]) == ["real", "real, class-balanced", "real + DiffMix-B",
+                                                "real + DiffMix-E", "real + GradMix"]
     for name in ("report.md", "report.html", "results.json", "figures/class_distribution.png", "figures/samples.png"):
         assert (out / name).is_file(), name
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "DiffMix-E" in html
+    md = (out / "report.md").read_text()
+    assert "paired differences with 95% intervals" in md and "DiffMix − Baseline" in md
+    assert "Utility" in md and "(real + DiffMix-B) − real" in md
+    assert "cannot show whether DiffMix helps" in md  # the toy caveat (issue 10 item 5)
     counts = results["class_counts"]
     assert counts["balancing maps"][1] > counts["original"][1]  # balancing adds minor-class nuclei
     stages = (out / "stages.jsonl").read_text()

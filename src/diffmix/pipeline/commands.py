@@ -24,6 +24,15 @@ def rare_class_summary(results: dict[str, Any]) -> list[str]:
             f"{ARM_LABELS.get(arm, arm):<10} F {scheme.class_name(scheme.minor_class)} "
             f"{m.get(key, float('nan')):.3f} ± {s.get(key, 0.0):.3f}   PQ {m['pq']:.3f}   Acc {m['acc']:.3f}"
         )
+    iv = results.get("intervals", {})
+    for pair, d in iv.get("differences", {}).items():
+        a, b = pair.split(" - ")
+        parts = []
+        for metric in iv["metrics"]:
+            e = d[metric]
+            name = "F " + scheme.class_name(scheme.minor_class) if metric.startswith("f1_") else metric.upper()
+            parts.append(f"{name} {e['estimate']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]")
+        lines.append(f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}: " + "   ".join(parts) + "  (95% CI)")
     return lines
 
 
@@ -75,4 +84,8 @@ def register(app: typer.Typer) -> None:
         results, paths = run_demo(out, data=data, scheme=scheme, device=device, seed=seed, progress=not quiet)
         typer.echo("")
         typer.echo("\n".join(rare_class_summary(results)))
+        if data is None:
+            from diffmix.pipeline.experiment import TOY_CAVEAT
+
+            typer.echo(TOY_CAVEAT)
         typer.echo(f"report: {paths['html'].resolve()} ({time.perf_counter() - t0:.0f} s)")

@@ -108,6 +108,45 @@ def table1_html(results: Mapping[str, Any], scheme: ClassScheme) -> str:
     return f"<table><tr><th>Arm</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _iv(iv: Mapping[str, float], signed: bool = False) -> str:
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(iv['estimate'])} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]"
+
+
+def _metric_name(key: str, scheme: ClassScheme) -> str:
+    if key.startswith("f1_"):
+        return f"F {scheme.class_name(int(key[3:]))}"
+    return {"pq": "PQ", "acc": "Acc", "macro_f1": "macro F1"}.get(key, key)
+
+
+def interval_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
+    """The headline table: each arm's rare-class F and PQ, then the paired differences, each
+    with its 95% bootstrap interval over test images and runs (pipeline.intervals)."""
+    iv = results.get("intervals")
+    if not iv:
+        return [], []
+    metrics = iv["metrics"]
+    header = ["Arm / difference"] + [f"{_metric_name(m, scheme)} [95% CI]" for m in metrics]
+    rows = [[ARM_LABELS.get(a, a)] + [_iv(v[m]) for m in metrics] for a, v in iv["arms"].items()]
+    for pair, v in iv["differences"].items():
+        a, b = pair.split(" - ")
+        rows.append([f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}"] + [_iv(v[m], True) for m in metrics])
+    return header, rows
+
+
+def utility_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
+    """Utility classifier (diffmix.utility): per-class F1 on the real test nuclei for each
+    training pool, then the paired differences against real only, with 95% intervals."""
+    u = results.get("utility")
+    if not u:
+        return [], []
+    metrics = ["acc", "macro_f1"] + [f"f1_{c}" for c in scheme.class_ids]
+    header = ["Training nuclei"] + [_metric_name(m, scheme) for m in metrics]
+    rows = [[arm] + [_iv(r["intervals"][m]) for m in metrics] for arm, r in u["arms"].items()]
+    rows += [[f"({arm}) − real"] + [_iv(d[m], True) for m in metrics] for arm, d in u["differences"].items()]
+    return header, rows
+
+
 def fidelity_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
     header = ["Synthetic set", "images", "PQ", "Acc"] + [f"F {scheme.class_name(c)}" for c in scheme.class_ids]
     rows = []
@@ -195,6 +234,45 @@ def _embed(path: Path) -> str:
     return f"<img alt='{html.escape(path.stem)}' src='data:image/png;base64,{data}'/>"
 
 
+def _table_md(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return ("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</table>")
+
+
+def _sections(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """(title, explanation, header, rows) of every table after Table 1 that has content."""
+    out = []
+    iv = results.get("intervals")
+    if iv:
+        out.append(("Headline: paired differences with 95% intervals",
+                    f"Bootstrap over the {iv['n_images']} test images and the {iv['n_runs']} runs per arm "
+                    "(folds x seeds), paired: both arms see the same resampled images, run r of one arm is "
+                    "paired with run r of the other (same fold and segmenter seed). An interval that excludes "
+                    "0 is a difference beyond test-image and run-to-run noise.",
+                    *interval_rows(results, scheme)))
+    h, r = utility_rows(results, scheme)
+    if r:
+        u = results["utility"]
+        out.append(("Utility: does a synthetic set's nuclei help type real nuclei?",
+                    f"A nucleus classifier ({u['settings']['steps']} steps, {u['settings']['crop']}-px crops of "
+                    "image + the nucleus's mask) trained on the training images' nuclei, alone or with a synthetic "
+                    f"set's, scored on all {sum(u['n_test'].values())} test nuclei; mean over {len(u['seeds'])} "
+                    "seeds with 95% intervals over test images and seeds. 'real, class-balanced' draws real nuclei "
+                    "with equal class probability: the prior shift of extra rare-class labels without new pixels.",
+                    h, r))
+    h, r = fidelity_rows(results, scheme)
+    if r:
+        out.append(("Label fidelity",
+                    "A segmenter trained on real data only (baseline, fold 0) is scored against the label maps "
+                    "the synthetic images were generated for.", h, r))
+    return out
+
+
 def write_report(
     out: Path,
     results: Mapping[str, Any],
@@ -206,18 +284,15 @@ def write_report(
     out = Path(out)
     title = f"DiffMix experiment: {results.get('name', '')}".strip()
     n_folds = results.get("folds", "")
+    n_seeds = results.get("seeds", 1)
+    intro = (f"folds: {n_folds}; seeds: {n_seeds}; test images: {results.get('n_test_images', '')}. "
+             "Mean ± std over runs (folds x seeds)")
+    sections = _sections(results, scheme)
     md = [f"# {title}", ""]
-    md += [f"Dataset: `{results.get('dataset', '')}` (scheme {scheme.name}); folds: {n_folds}; "
-           f"test images: {results.get('n_test_images', '')}. Mean ± std over folds; best per column in bold.", ""]
+    md += [f"Dataset: `{results.get('dataset', '')}` (scheme {scheme.name}); {intro}; best per column in bold.", ""]
     md += ["## Table 1", "", table1_markdown(results, scheme), ""]
-    fh, frows = fidelity_rows(results, scheme)
-    if frows:
-        md += ["## Label fidelity", "",
-               "A segmenter trained on real data only (baseline, fold 0) is scored against the label maps "
-               "the synthetic images were generated for.", "",
-               "| " + " | ".join(fh) + " |", "|" + "---|" * len(fh)]
-        md += ["| " + " | ".join(r) + " |" for r in frows]
-        md.append("")
+    for head, text, header, rows in sections:
+        md += [f"## {head}", "", text, ""] + _table_md(header, rows) + [""]
     for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
                          ("samples", "Samples: original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
         if key in figures:
@@ -229,15 +304,10 @@ def write_report(
 
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>Dataset: <code>{html.escape(str(results.get('dataset', '')))}</code> (scheme {html.escape(scheme.name)}); "
-             f"folds: {n_folds}; test images: {results.get('n_test_images', '')}. Mean ± std over folds; "
-             "best per column highlighted.</p>",
+             f"{html.escape(intro)}; best per column highlighted.</p>",
              "<h2>Table 1</h2>", table1_html(results, scheme)]
-    if frows:
-        parts.append("<h2>Label fidelity</h2><p>A segmenter trained on real data only (baseline, fold 0) scored "
-                     "against the label maps the synthetic images were generated for.</p>")
-        parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in fh) + "</tr>"
-                     + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in frows)
-                     + "</table>")
+    for head, text, header, rows in sections:
+        parts.append(f"<h2>{html.escape(head)}</h2><p>{html.escape(text)}</p>{_table_html(header, rows)}")
     for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
                          ("samples", "Samples: original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
         if key in figures:
