@@ -26,14 +26,31 @@ def preset_names(area: str) -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: where (line, column, 1-based) and what.
+
+    `str(exc)` spans several lines with a quoted excerpt of the file; a CLI error is one line.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file; unreadable files and syntax errors are ConfigError (one line)."""
     path = Path(path)
     try:
         obj = yaml.safe_load(path.read_text())
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a YAML config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise ConfigError(f"{path}: not valid YAML at {describe_yaml_error(exc)}") from None
     if obj is None:
         return {}
     if not isinstance(obj, dict):

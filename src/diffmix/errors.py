@@ -33,3 +33,7 @@ class CheckpointError(DiffMixError):
 
 class RunFolderError(DiffMixError):
     """A run folder holds a different run than the one being resumed."""
+
+
+class OutputError(DiffMixError):
+    """An output path cannot be written: a file where a folder must go, a read-only parent."""

@@ -84,8 +84,9 @@ def label_fidelity(
 
     if not isinstance(synth_dataset, Dataset):
         synth_dataset = read_dataset(synth_dataset, scheme)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from diffmix.distributed import resolve_device
+
+    device = resolve_device(device)
     model, meta = load_segmenter(segmenter_ckpt, device)
     k_model = int(meta["num_classes"])
     k_data = synth_dataset.scheme.num_classes

@@ -74,6 +74,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write a procedurally generated H&E-like dataset (CoNSeP layout, merged 4 classes)."""
         from diffmix.data.toy import write_toy_dataset
+        from diffmix.runs import check_output_folder
 
+        check_output_folder(out)
         path = write_toy_dataset(out, n_images=n_images, size=size, seed=seed, rare_fraction=rare_fraction)
         typer.echo(f"wrote {n_images} toy tiles to {path}")

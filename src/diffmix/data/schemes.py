@@ -148,19 +148,32 @@ PANNUKE = ClassScheme(
 BUILTIN_SCHEMES: dict[str, ClassScheme] = {s.name: s for s in (CONSEP, GLYSAC, PANNUKE)}
 
 
+#: The keys of a scheme YAML; any other key is a typo (e.g. `minor_clas`), not ignored.
+SCHEME_YAML_KEYS = ("name", "classes", "merge", "minor_class", "description")
+
+
 def scheme_from_yaml(path: str | Path) -> ClassScheme:
     """Read a user scheme: `name`, `classes: {id: name}`, `merge: {merged_id: [raw ids]}`
-    (optional: identity), `minor_class`."""
+    (optional: identity), `minor_class`, `description` (optional). Other keys are an error."""
     import yaml
+
+    from diffmix.config import describe_yaml_error
 
     path = Path(path)
     try:
         obj = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise ClassSchemeError(f"{path}: cannot read class scheme ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ClassSchemeError(f"{path}: not a text file, so not a class scheme YAML") from None
     except yaml.YAMLError as exc:
-        raise ClassSchemeError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(obj, dict) or "classes" not in obj or "minor_class" not in obj:
+        raise ClassSchemeError(f"{path}: not valid YAML at {describe_yaml_error(exc)}") from None
+    if not isinstance(obj, dict):
+        raise ClassSchemeError(f"{path}: a class scheme must be a mapping with keys {list(SCHEME_YAML_KEYS)}")
+    unknown = sorted(str(k) for k in obj if k not in SCHEME_YAML_KEYS)
+    if unknown:
+        raise ClassSchemeError(f"{path}: unknown key(s) {unknown} in class scheme; allowed: {list(SCHEME_YAML_KEYS)}")
+    if "classes" not in obj or "minor_class" not in obj:
         raise ClassSchemeError(f"{path}: a scheme needs 'classes' and 'minor_class' keys")
     try:
         classes = {int(k): str(v) for k, v in obj["classes"].items()}
@@ -176,6 +189,7 @@ def scheme_from_yaml(path: str | Path) -> ClassScheme:
             classes=classes,
             raw_to_merged=raw_to_merged,
             minor_class=int(obj["minor_class"]),
+            description=str(obj.get("description") or ""),
         )
     except (AttributeError, TypeError, ValueError) as exc:
         raise ClassSchemeError(f"{path}: malformed class scheme ({exc})") from None

@@ -102,7 +102,9 @@ def register(app: typer.Typer) -> None:
         """Balancing maps (GradMix labels, spec 6a); images are the originals, untouched."""
         from diffmix.data.io import read_dataset, write_dataset
         from diffmix.maps.balance import balance_dataset
+        from diffmix.runs import check_output_folder
 
+        check_output_folder(out)  # before the maps are computed, not at the write
         ds = read_dataset(dataset, scheme)
         minor = resolve_class(ds.scheme, minor_class) if minor_class is not None else ds.scheme.minor_class
         dist = parse_distribution(ds.scheme, target_distribution)
@@ -134,7 +136,9 @@ def register(app: typer.Typer) -> None:
         """Enlarging maps (shifted nuclei, spec 6b) of every grid patch; images are the original patches."""
         from diffmix.data.io import read_dataset, write_dataset
         from diffmix.maps.enlarge import enlarge_dataset
+        from diffmix.runs import check_output_folder
 
+        check_output_folder(out)  # before the maps are computed, not at the write
         ds = read_dataset(dataset, scheme)
         samples = enlarge_dataset(ds.samples, patch=patch, stride=stride, seed=seed, no_overlap=no_overlap,
                                   frame=frame, max_tries=max_tries)
@@ -163,7 +167,9 @@ def register(app: typer.Typer) -> None:
         """GradMix baseline (spec 6a): balancing labels plus synthesised images."""
         from diffmix.data.io import read_dataset, write_dataset
         from diffmix.maps.gradmix import gradmix_dataset
+        from diffmix.runs import check_output_folder
 
+        check_output_folder(out)  # before the maps are computed, not at the write
         ds = read_dataset(dataset, scheme)
         minor = resolve_class(ds.scheme, minor_class) if minor_class is not None else ds.scheme.minor_class
         dist = parse_distribution(ds.scheme, target_distribution)

@@ -20,6 +20,30 @@ def _parse_classes(text: str) -> list[int]:
     return ids
 
 
+def _check_classes_known(class_ids: list[int], true: Path) -> None:
+    """--classes ids must exist in the ground truth's scheme when its dataset.json names one.
+
+    A class with no nucleus on either side scores F1 = 1.0 (metrics/classification.py), so a
+    mistyped id would otherwise print a perfect score for a class that does not exist.
+    """
+    from diffmix.data.io import read_dataset_json
+    from diffmix.data.schemes import ClassScheme
+
+    meta = read_dataset_json(true) if Path(true).is_dir() else None
+    if meta is None:
+        return
+    scheme = ClassScheme.from_json(meta["scheme"], where=f"{true}/dataset.json")
+    # --classes merges nothing: the ids are those the label files hold, merged or raw
+    known = sorted(scheme.classes) if meta.get("merged", False) else sorted(scheme.raw_to_merged)
+    unknown = [c for c in class_ids if c not in known]
+    if unknown:
+        state = "merged" if meta.get("merged", False) else "raw"
+        raise ConfigError(
+            f"--classes: class id(s) {unknown} are not in the ground truth's {state} classes {known} "
+            f"(scheme {scheme.name!r}, {true}/dataset.json)"
+        )
+
+
 def evaluate(
     pred: Path = typer.Option(..., "--pred", help="Folder of predicted labels (.mat or .npy)."),
     true: Path = typer.Option(..., "--true", help="Folder of ground-truth labels (.mat or .npy)."),
@@ -47,10 +71,15 @@ def evaluate(
     """Dice, AJI, AJI+, DQ/SQ/PQ per image and pooled type F1 (official HoVer-Net numbers)."""
     from diffmix.data.schemes import get_scheme
     from diffmix.metrics.evaluate import evaluate_folders, format_table, to_json
+    from diffmix.runs import check_output_file
 
     if scheme is not None and classes is not None:
         raise ConfigError("give --scheme or --classes, not both")
+    if json_out is not None:
+        check_output_file(json_out)
     class_ids = _parse_classes(classes) if classes is not None else None
+    if class_ids is not None:
+        _check_classes_known(class_ids, true)
     resolved = get_scheme(scheme) if scheme is not None else None
     result = evaluate_folders(
         pred, true, scheme=resolved, class_ids=class_ids, compat=compat, pannuke=pannuke, conic=conic, tissues=tissues

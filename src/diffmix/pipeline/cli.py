@@ -56,10 +56,8 @@ def synthesize_cmd(
     """Re-synthesise grid patches under balancing/enlarging label maps (DiffMix); resumable, torchrun-aware."""
     from diffmix.data.io import read_dataset
     from diffmix.distributed import cleanup, is_main
-    from diffmix.runs import write_json
+    from diffmix.runs import check_output_file, write_json
     from diffmix.synth import synthesize
-
-    from diffmix.runs import check_output_file
 
     if weights not in ("auto", "ema", "model"):
         raise ConfigError(f"--weights must be auto, ema or model, got {weights!r}")

@@ -32,8 +32,10 @@ def train_cmd(
     """Train an SDM on DATASET into OUT (two phases; run under torchrun for DDP)."""
     from diffmix.data.io import read_dataset
     from diffmix.distributed import cleanup, init_distributed
+    from diffmix.runs import check_output_folder
     from diffmix.sdm.train import resolve_train_config, train_sdm
 
+    check_output_folder(out)
     data = read_dataset(dataset, scheme)
     overrides: dict[str, Any] = {
         "phase1_steps": steps,
@@ -77,8 +79,10 @@ def sample_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Re-synthesise every image of MAPS under its own label maps; write a dataset folder to OUT."""
+    from diffmix.runs import check_output_folder
     from diffmix.sdm.sampler import synthesize_dataset
 
+    check_output_folder(out)
     path = synthesize_dataset(
         ckpt, maps, out, steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale, eta=eta,
         batch_size=batch_size, seed=seed, weights=weights, scheme=scheme, device=device, progress=progress,
@@ -98,8 +102,10 @@ def import_cmd(
     ),
 ) -> None:
     """Convert an authors' released SDM checkpoint into a safetensors file `sdm sample` loads."""
+    from diffmix.runs import check_output_file
     from diffmix.sdm.convert import import_checkpoint
 
+    check_output_file(dst)
     config = import_checkpoint(src, dst, image_size=image_size, num_head_channels=num_head_channels)
     typer.echo(f"sdm import: wrote {dst} (label_nc {config.label_nc}, image_size {config.image_size})")
 

@@ -59,8 +59,10 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Train HoVer-Net or the small net on original [+ synthetic] datasets (two official phases)."""
+        from diffmix.runs import check_output_folder
         from diffmix.seg.train import resolve_config, train_segmenter
 
+        check_output_folder(out)
         overrides: dict[str, Any] = {
             "phase1_epochs": epochs if phase1_epochs is None else phase1_epochs,
             "phase2_epochs": epochs if phase2_epochs is None else phase2_epochs,
@@ -107,8 +109,10 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Tiled inference + HoVer-Net post-processing; writes what `diffmix evaluate` reads."""
+        from diffmix.runs import check_output_folder
         from diffmix.seg.infer import infer_folder
 
+        check_output_folder(out)
         summary = infer_folder(
             ckpt, images, out, tile=tile, overlap=overlap, batch_size=batch_size, device=device, progress=progress
         )
