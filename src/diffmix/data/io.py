@@ -25,7 +25,14 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from diffmix.data.sample import NucleiSample, as_label_map, inst_centroids, remap_ids, validation_problems
+from diffmix.data.sample import (
+    NucleiSample,
+    as_label_map,
+    inst_centroids,
+    remap_ids,
+    validation_problems,
+    values_at,
+)
 from diffmix.data.schemes import CONSEP, PANNUKE, ClassScheme, get_scheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
 from diffmix.runs import atomic_path, atomic_write_bytes, atomic_write_text
@@ -55,8 +62,63 @@ __all__ = [
 # --------------------------------------------------------------------------- images
 
 
+#: PIL modes of more than 8 bits per pixel. Converting them to RGB clips every value above 255,
+#: which turned a 16-bit PNG into a white image that segmented to no nuclei; they are refused.
+_WIDE_PIL_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _refuse_wide_mode(path: Path, mode: str) -> None:
+    if mode in _WIDE_PIL_MODES:
+        raise DataError(
+            f"{path}: {'32-bit' if mode in ('I', 'F') else '16-bit'} greyscale image (mode {mode}); "
+            "diffmix reads 8-bit RGB H&E images: convert it to 8 bits per channel first"
+        )
+
+
+def check_image_file(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file read from its header, or the DataError `read_image` would raise
+    for a file it refuses (missing, not an image, more than 8 bits per channel).
+
+    Cheap (no pixels are decoded), so a command can check every input before it creates its
+    output folder; a file whose pixel data is truncated is still only found by `read_image`.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                dtype, shape = np.dtype(page.dtype), tuple(page.shape)
+            if dtype != np.uint8:
+                raise DataError(
+                    f"{path}: image has dtype {dtype}; diffmix reads 8-bit RGB H&E images: "
+                    "convert it to 8 bits per channel first"
+                )
+            return int(shape[0]), int(shape[1])
+        from PIL import Image
+
+        with Image.open(path) as im:
+            _refuse_wide_mode(path, im.mode)
+            w, h = im.size
+            return int(h), int(w)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found") from None
+    except Exception as exc:  # PIL and tifffile raise many types on foreign files
+        raise DataError(f"{path}: unreadable image ({exc})") from None
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An RGB uint8 HxWx3 array from PNG/JPEG/TIFF; alpha is dropped, grey is expanded."""
+    """An RGB uint8 HxWx3 array from PNG/JPEG/TIFF.
+
+    Conversion rules: alpha is dropped; 8-bit greyscale is expanded to three equal channels;
+    palette, bilevel and other 8-bit colour modes are converted to RGB. Images of more than
+    8 bits per channel (16-bit or float PNG/TIFF) are refused with a DataError: their range
+    (12-bit data in 16 bits, float in [0, 1] or not) is not knowable from the file, so any
+    scaling rule would silently darken or clip some of them; convert them to 8 bits first.
+    """
     path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -67,15 +129,21 @@ def read_image(path: str | Path) -> np.ndarray:
             from PIL import Image
 
             with Image.open(path) as im:
+                _refuse_wide_mode(path, im.mode)
                 if im.mode not in ("RGB", "RGBA", "L", "LA"):
                     im = im.convert("RGB")
                 arr = np.asarray(im)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: image not found") from None
     except Exception as exc:  # PIL and tifffile raise many types on corrupt files
         raise DataError(f"{path}: unreadable image ({exc})") from None
     if arr.dtype != np.uint8:
-        raise DataError(f"{path}: image has dtype {arr.dtype}; diffmix expects 8-bit RGB")
+        raise DataError(
+            f"{path}: image has dtype {arr.dtype}; diffmix reads 8-bit RGB H&E images: "
+            "convert it to 8 bits per channel first"
+        )
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (2, 3, 4):
@@ -129,8 +197,18 @@ def read_mat_labels(path: str | Path) -> dict[str, np.ndarray]:
     if "inst_type" in mat:
         out["inst_type"] = np.asarray(mat["inst_type"]).reshape(-1)
     if "inst_centroid" in mat:
-        cen = np.asarray(mat["inst_centroid"], dtype=np.float64)
-        out["inst_centroid"] = cen.reshape(-1, 2) if cen.size else np.zeros((0, 2))
+        try:
+            cen = np.asarray(mat["inst_centroid"], dtype=np.float64)
+            cen = cen.reshape(-1, 2) if cen.size else np.zeros((0, 2))
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: inst_centroid must be an Nx2 array of numbers (x, y)") from None
+        bad = np.flatnonzero(~np.isfinite(cen).all(axis=1))
+        if bad.size:  # found here, where the file is known, not later as "image 1" of a list
+            raise DataError(
+                f"{path}: inst_centroid has {bad.size} row(s) with NaN or infinite values "
+                f"(0-based rows {bad[:5].tolist()})"
+            )
+        out["inst_centroid"] = cen
     return out
 
 
@@ -145,8 +223,8 @@ def type_map_from_inst_type(inst_map: np.ndarray, inst_type: np.ndarray, where: 
     ids = np.unique(inst_map)
     ids = ids[ids > 0]
     if ids.size == inst_type.size:
-        lut = np.zeros(int(ids.max(initial=0)) + 1, dtype=np.int64)
-        lut[ids] = inst_type
+        # keyed by the sorted ids, not a table over 0..max id (ids may reach 2**31-1)
+        return values_at(ids, inst_type, inst_map.astype(np.int64), default=0).astype(np.int32)
     elif ids.size == 0 or ids.max() <= inst_type.size:
         lut = np.concatenate([[0], inst_type])
     else:
@@ -378,10 +456,8 @@ def pannuke_masks_to_maps(mask: np.ndarray, where: str) -> tuple[np.ndarray, np.
         ids = ids[ids > 0]
         if ids.size == 0:
             continue
-        lut = np.zeros(int(ids.max()) + 1, dtype=np.int32)
-        lut[ids] = np.arange(next_id, next_id + ids.size, dtype=np.int32)
         fg = layer > 0
-        inst[fg] = lut[layer[fg]]
+        inst[fg] = values_at(ids.astype(np.int64), np.arange(next_id, next_id + ids.size, dtype=np.int32), layer[fg])
         types[fg] = ch + 1
         next_id += ids.size
     return remap_ids(inst), types

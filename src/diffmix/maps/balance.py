@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from diffmix.data.sample import NucleiSample
+from diffmix.data.sample import NucleiSample, compact_ids, values_at
 from diffmix.errors import ConfigError, DataError
 
 # spec 6a step 5.1: scipy's default structuring element, the 3x3 cross (4-connected).
@@ -64,30 +64,28 @@ def instance_table(inst_map: np.ndarray, type_map: np.ndarray) -> InstanceTable:
     inst_map, type_map: int HxW. One `find_objects` and three `bincount`s over the image.
     """
     inst = np.asarray(inst_map)
-    flat = inst.ravel().astype(np.int64)
-    max_id = int(flat.max()) if flat.size else 0
-    areas_all = np.bincount(flat, minlength=max_id + 1)
-    ids = np.flatnonzero(areas_all[1:]) + 1
+    # tables over the N instances present, not over 0..max id (ids may reach 2**31-1)
+    ids, dense = compact_ids(inst)
+    n = ids.size
+    flat = dense.ravel().astype(np.int64)
+    areas_all = np.bincount(flat, minlength=n + 1)
     h, w = inst.shape
     rows = np.repeat(np.arange(h, dtype=np.float64), w)
     cols = np.tile(np.arange(w, dtype=np.float64), h)
-    sy = np.bincount(flat, weights=rows, minlength=max_id + 1)
-    sx = np.bincount(flat, weights=cols, minlength=max_id + 1)
-    cls_all = np.zeros(max_id + 1, dtype=np.int64)
+    sy = np.bincount(flat, weights=rows, minlength=n + 1)
+    sx = np.bincount(flat, weights=cols, minlength=n + 1)
+    cls_all = np.zeros(n + 1, dtype=np.int64)
     cls_all[flat] = np.asarray(type_map).ravel()
-    slices = ndi.find_objects(inst.astype(np.int32, copy=False), max_label=max_id)
-    boxes = np.array(
-        [(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in (slices[i - 1] for i in ids)],
-        dtype=np.int64,
-    ).reshape(-1, 4)
-    areas = areas_all[ids]
+    slices = ndi.find_objects(dense, max_label=n)
+    boxes = np.array([(s[0].start, s[0].stop, s[1].start, s[1].stop) for s in slices], dtype=np.int64).reshape(-1, 4)
+    areas = areas_all[1:]
     return InstanceTable(
-        ids=ids.astype(np.int64),
+        ids=ids,
         boxes=boxes,
         areas=areas.astype(np.int64),
-        cy=sy[ids] / areas,
-        cx=sx[ids] / areas,
-        classes=cls_all[ids],
+        cy=sy[1:] / areas,
+        cx=sx[1:] / areas,
+        classes=cls_all[1:],
     )
 
 
@@ -218,9 +216,8 @@ def _plan_image(
     used = np.zeros(len(pool_area), dtype=bool)
 
     out = inst_map.copy()
-    max_id = int(table.ids.max()) if len(table.ids) else 0
-    counts = np.zeros(max_id + 1, dtype=np.int64)
-    counts[table.ids] = table.areas
+    # pixels left of each instance, by its row in `table` (out only ever holds table.ids)
+    counts = table.areas.astype(np.int64).copy()
     swaps: list[Swap] = []
     stats = dict(no_source=0, would_erase=0, clipped_away=0)
 
@@ -255,15 +252,16 @@ def _plan_image(
         covered = region[paste]
         covered = covered[(covered != 0) & (covered != tid)]
         hit_ids, hit_n = np.unique(covered, return_counts=True)
-        if np.any(counts[hit_ids] <= hit_n):
+        hit_rows = np.searchsorted(table.ids, hit_ids)
+        if np.any(counts[hit_rows] <= hit_n):
             stats["would_erase"] += 1
             continue
         # spec 6a step 5.5: clear the target (only pixels still its own), paste, keep its id
         tbox = out[r0:r1, c0:c1]
         tbox[tbox == tid] = 0
         region[paste] = tid
-        counts[hit_ids] -= hit_n
-        counts[tid] = int(paste.sum())
+        counts[hit_rows] -= hit_n
+        counts[k] = int(paste.sum())
         used[p] = True
         swaps.append(
             Swap(
@@ -466,13 +464,13 @@ def balance_dataset(
 
 def swapped_type_map(sample: NucleiSample, inst_out: np.ndarray, swaps: Sequence[Swap], minor_class: int) -> np.ndarray:
     """spec 6a step 6: rebuild type_map from the output inst_map and the updated classes."""
-    max_id = max(int(sample.inst_map.max(initial=0)), int(inst_out.max(initial=0)))
-    lut = np.zeros(max_id + 1, dtype=np.int32)
-    lut[sample.inst_map.ravel()] = sample.type_map.ravel()
-    for s in swaps:
-        lut[s.target_id] = minor_class
-    lut[0] = 0
-    return lut[inst_out]
+    ids, dense = compact_ids(sample.inst_map)
+    classes = np.zeros(ids.size + 1, dtype=np.int32)
+    classes[dense.ravel()] = sample.type_map.ravel()
+    classes = classes[1:]
+    if swaps:
+        classes[np.searchsorted(ids, [s.target_id for s in swaps])] = minor_class
+    return values_at(ids, classes, inst_out, default=0)
 
 
 def _check_params(samples: Sequence[NucleiSample], minor_class: int, fraction: float, border: float, area_ratio: float) -> None:

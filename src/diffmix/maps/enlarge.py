@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from diffmix.data.sample import NucleiSample
+from diffmix.data.sample import NucleiSample, compact_ids
 from diffmix.errors import ConfigError, DataError
 
 SQUARE = np.ones((3, 3), dtype=bool)
@@ -112,14 +112,10 @@ def enlarge_patch(
 def _remap(inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ids renumbered 1..N keeping their order, int32; the original ids present, ascending).
 
-    Same result as `diffmix.data.sample.remap_ids`, with a bincount instead of a sort.
+    `diffmix.data.sample.compact_ids`: no table sized by the largest id.
     """
-    flat = inst.ravel().astype(np.int64, copy=False)
-    counts = np.bincount(flat, minlength=1)
-    present = np.flatnonzero(counts[1:]) + 1
-    lut = np.zeros(len(counts), dtype=np.int32)
-    lut[present] = np.arange(1, len(present) + 1, dtype=np.int32)
-    return lut[inst], present
+    present, dense = compact_ids(inst)
+    return dense, present
 
 
 def _place_faithful(inst: np.ndarray, frozen: np.ndarray, shifts: np.ndarray) -> np.ndarray:
