@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,7 +62,9 @@ def read_torch_state_dict(src: str | Path) -> dict[str, Tensor]:
     if not src.is_file():
         raise CheckpointError(f"{src}: checkpoint not found")
     try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise beside our own error
+            warnings.simplefilter("ignore")
+            obj = torch.load(src, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(

@@ -272,7 +272,9 @@ def synthesize_dataset(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not empty; choose a new output folder")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from diffmix.distributed import resolve_device
+
+    dev = resolve_device(device)
     data = read_dataset(maps, scheme)
     model, label_nc = load_sampling_model(ckpt, dev, weights)
     k = data.scheme.num_classes
@@ -280,6 +282,15 @@ def synthesize_dataset(
         raise CheckpointError(
             f"{ckpt}: model takes {label_nc} label channels but {maps} has {k} classes ({k + 2} channels)"
         )
+    mult = getattr(getattr(model, "config", None), "channel_mult", None)
+    if mult:  # the U-Net halves H and W len(mult) - 1 times and concatenates skips back
+        factor = 2 ** (len(mult) - 1)
+        bad = [f"{s.name} ({s.shape[0]}x{s.shape[1]})" for s in data.samples if s.shape[0] % factor or s.shape[1] % factor]
+        if bad:
+            raise DataError(
+                f"{maps}: {len(bad)} map(s) have a side not divisible by {factor}, the U-Net's total "
+                f"downsampling of {ckpt}: {', '.join(bad[:5])}; crop or pad them to a multiple of {factor}"
+            )
     samples = synthesize(
         model, data.samples, k, steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale,
         eta=eta, batch_size=batch_size, seed=seed, device=dev,

@@ -28,6 +28,7 @@ from diffmix.runs import (
     JsonlLog,
     latest_checkpoint,
     load_checkpoint,
+    load_state_strict,
     prepare_run_folder,
     rng_state,
     save_checkpoint,
@@ -176,8 +177,6 @@ def _prune_checkpoints(out: Path, keep: int) -> None:
     found = sorted(out.glob(CHECKPOINT_PATTERN), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     for p in found[:-keep]:
         p.unlink(missing_ok=True)
-    for stale in out.glob(".ckpt_*.tmp.safetensors"):  # left by a kill during a write
-        stale.unlink(missing_ok=True)
 
 
 _PALETTE = np.array(
@@ -261,14 +260,17 @@ def train_sdm(
         raise ConfigError(f"unet.label_nc {cfg.unet.label_nc} does not fit K={num_classes} classes (needs {num_classes + 2})")
     if not samples:
         raise DataError("SDM training needs at least one image")
-    info = init_distributed(device)
+    small = [s.name for s in samples if min(s.shape) < cfg.crop_size]
+    if small:  # found here, not at step 0 after the run folder was made
+        raise DataError(f"images smaller than the {cfg.crop_size}-px training crop: {small[:5]}")
+    info = init_distributed(device)  # an unusable device fails here, before the folder exists
     dev = info.device
     run_cfg = {"train": dump_config(cfg), **dict(run_info or {}), "num_classes": int(num_classes), "world_size": info.world_size}
     if info.is_main:
         out, resuming = prepare_run_folder(out, run_cfg, kind="sdm-train")
     barrier()
     if not info.is_main:
-        out, resuming = prepare_run_folder(out, run_cfg, kind="sdm-train")
+        out, resuming = prepare_run_folder(out, run_cfg, kind="sdm-train", clean=False)
     out = Path(out)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -283,9 +285,9 @@ def train_sdm(
     ckpt = latest_checkpoint(out, CHECKPOINT_PATTERN) if resuming else None
     if ckpt is not None:
         state, meta = load_checkpoint(ckpt)
+        load_state_strict(model, state.get("model"), str(ckpt), "this run's U-Net")
+        load_state_strict(ema, state.get("ema"), str(ckpt), "this run's EMA U-Net")
         try:
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["optimizer"])
             if use_scaler and "scaler" in state:
                 scaler.load_state_dict(state["scaler"])

@@ -99,12 +99,32 @@ def tile_plan(
     return pad, offsets, (sh, sw)
 
 
+def check_tiling(model: Any, tile: int | None, overlap: int | None, batch_size: int) -> None:
+    """ConfigError for tiling options no image could be segmented with (see `predict_image`).
+
+    The same checks `predict_image` makes per image, made once up front so that a bad option
+    fails before a run folder is created rather than at the first image.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if tile is not None and tile < 1:
+        raise ConfigError(f"tile must be >= 1 px, got {tile}")
+    if overlap is not None and (overlap < 0 or overlap % 2):
+        raise ConfigError(f"overlap must be an even number >= 0, got {overlap}")
+    margin, input_size = _model_geometry(model)
+    if input_size is not None and tile is not None and tile != input_size:
+        raise ConfigError(f"this network takes {input_size}-px tiles; got tile={tile}")
+    side = tile if tile is not None else input_size
+    if side is not None:
+        default = 0 if margin > 0 else 2 * ((side - 2 * margin) // 8)
+        tile_plan((side, side), crop_margin=margin, tile=(side, side), overlap=default if overlap is None else overlap)
+
+
 def _resolve_device(model: Any, device: str | torch.device | None) -> torch.device:
     if device is not None:
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise ConfigError(f"unknown device {device!r} ({exc})") from None
+        from diffmix.distributed import resolve_device
+
+        return resolve_device(device)
     params = getattr(model, "parameters", None)
     if callable(params):
         for p in params():
@@ -300,10 +320,13 @@ def infer_images(
     """Segment every image of a folder with a loaded network; see `infer_folder`."""
     from tqdm import tqdm
 
-    from diffmix.data.io import read_image, write_image, write_mat_labels
+    from diffmix.data.io import check_image_file, read_image, write_image, write_mat_labels
     from diffmix.runs import JsonlLog, prepare_run_folder
 
     files = list_images(images)
+    check_tiling(model, tile, overlap, batch_size)
+    for path in files:  # headers only: refuse a 16-bit or foreign file before the folder exists
+        check_image_file(path)
     config = {
         "images": str(Path(images).resolve()),
         "tile": tile,
@@ -378,8 +401,9 @@ def infer_folder(
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: checkpoint not found")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here")
+    from diffmix.distributed import resolve_device
+
+    device = resolve_device(device)
     model, meta = load_segmenter(ckpt, device=device)
     return infer_images(
         model,

@@ -38,6 +38,7 @@ the config (`pretrained`): MONAI's `pretrained_url` (which downloads) is never u
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -240,7 +241,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise beside our own error
+        warnings.simplefilter("ignore")
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     for wrapper in ("desc", "state_dict", "model"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
@@ -270,7 +273,12 @@ def load_encoder_weights(
     except CheckpointError:
         raise
     except Exception as exc:  # torch.load raises many types on foreign or corrupt files
-        raise CheckpointError(f"{path}: not a readable weights file ({type(exc).__name__}: {exc})") from None
+        # its messages run to dozens of lines (weights_only advice); the first one says what failed
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise CheckpointError(
+            f"{path}: not a readable weights file ({type(exc).__name__}: {first[:200]}); "
+            "give a state dict of tensors (.pth/.pt saved with torch.save, or .safetensors)"
+        ) from None
     if fmt == "auto":
         fmt = "preact" if any(k.startswith(("conv0.", "d0.units")) for k in state) else "torchvision"
     mapper = _preact_key if fmt == "preact" else _torchvision_key
@@ -331,16 +339,13 @@ def load_segmenter(ckpt_path: str | Path, device: str | torch.device = "cpu") ->
 
     meta holds "num_classes", "model" (the SegModelConfig dict) and "preset" at least.
     """
-    from diffmix.runs import load_checkpoint
+    from diffmix.runs import load_checkpoint, load_state_strict
 
     state, meta = load_checkpoint(ckpt_path)
     if "model" not in meta or "num_classes" not in meta or not isinstance(state.get("model"), Mapping):
         raise CheckpointError(f"{ckpt_path}: not a diffmix segmenter checkpoint (no model config in its metadata)")
     cfg = SegModelConfig.model_validate({**meta["model"], "num_classes": meta["num_classes"]})
     model = build_segmenter(cfg, load_pretrained=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{ckpt_path}: weights do not fit a {cfg.arch} segmenter ({exc})") from None
+    load_state_strict(model, state["model"], str(ckpt_path), f"the {cfg.arch} segmenter its metadata describes")
     model.to(device).eval()
     return model, meta

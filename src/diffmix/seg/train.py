@@ -160,6 +160,7 @@ def train_segmenter(
         JsonlLog,
         latest_checkpoint,
         load_checkpoint,
+        load_state_strict,
         prepare_run_folder,
         rng_state,
         save_checkpoint,
@@ -196,18 +197,13 @@ def train_segmenter(
             raise ConfigError(f"{cfg.model.arch} takes {in_size}-px patches; patch_size {cfg.patch_size} cannot be used")
         patch_size, margin = in_size, (in_size - out_size) // 2
 
-    info = init_distributed(device)
+    info = init_distributed(device)  # an unusable device fails here, before the folder exists
     dist_device = info.device if info.distributed else None
     run_identity = {
         "config": dump_config(cfg),
         "sources": [{"dataset": s.label, "count": s.count} for s in sources],
     }
     out = Path(out)
-    if info.is_main:
-        prepare_run_folder(out, run_identity, kind="seg-train")
-    barrier()
-    if not info.is_main:
-        prepare_run_folder(out, run_identity, kind="seg-train")  # only checks, the folder exists
 
     meta = {
         "kind": "seg",
@@ -220,8 +216,6 @@ def train_segmenter(
         "crop_margin": margin,
     }
     final_path = out / FINAL_NAME
-    if final_path.is_file():
-        return final_path
 
     items = PatchItems(
         sources, patch_size, margin, seed=cfg.seed, augment=cfg.augment,
@@ -241,20 +235,28 @@ def train_segmenter(
         for e in range(total_epochs)
     )
 
+    # Everything a mistake can break is checked above or here (the pretrained encoder file is
+    # read while building), before the run folder is made: a folder is only left by a run.
+    resumable = out.is_dir() and (final_path.is_file() or latest_checkpoint(out) is not None)
     torch.manual_seed(cfg.seed)
-    ckpt = latest_checkpoint(out)
-    model = build_segmenter(model_cfg, load_pretrained=ckpt is None)
+    model = build_segmenter(model_cfg, load_pretrained=not resumable)
     model.to(info.device)
+
+    if info.is_main:
+        prepare_run_folder(out, run_identity, kind="seg-train")
+    barrier()
+    if not info.is_main:  # only checks: the folder exists
+        prepare_run_folder(out, run_identity, kind="seg-train", clean=False)
+    if final_path.is_file():
+        return final_path
+    ckpt = latest_checkpoint(out)
     log = JsonlLog(out / LOG_NAME)
 
     epoch, start_batch, step = 0, 0, 0
     saved: dict[str, Any] | None = None
     if ckpt is not None:
         saved, _ = load_checkpoint(ckpt, map_location="cpu")
-        try:
-            model.load_state_dict(saved["model"])
-        except (RuntimeError, KeyError) as exc:
-            raise CheckpointError(f"{ckpt}: does not fit this run's model ({exc})") from None
+        load_state_strict(model, saved.get("model"), str(ckpt), "this run's model")
         pos = saved["progress"]
         epoch, start_batch, step = int(pos["epoch"]), int(pos["batch"]), int(pos["step"])
         set_rng_state(saved["rng"])
