@@ -227,9 +227,17 @@ def test_resume_after_kill_matches_uninterrupted_run(toy, tmp_path, one_thread):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; the test proved nothing"
     killed_at = len(_records(run))
     assert 4 <= killed_at < 12
+    # what a kill during a checkpoint write leaves: the resumed run must delete it
+    (run / ".ckpt_0000008.k3j4h5g6.tmp.safetensors").write_bytes(b"half a checkpoint")
 
     # re-running the same command resumes from the checkpoint (in-process, same CLI)
     main(["sdm", "train", str(toy), str(run), "--preset", str(preset), "--no-progress"])
+    # every file but the log (wall-clock timings) is byte for byte the uninterrupted run's:
+    # checkpoints hold no process-random RNG state and their metadata has one fixed order
+    ref_files = sorted(p.name for p in (tmp_path / "ref").iterdir() if p.name != "log.jsonl")
+    assert sorted(p.name for p in run.iterdir() if p.name != "log.jsonl") == ref_files
+    for name in ref_files:
+        assert (run / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
     got = _records(run)
     assert [r["step"] for r in got] == list(range(1, 13))  # no duplicated or missing records
     for a, b in zip(got, ref_log):

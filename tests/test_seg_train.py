@@ -24,7 +24,7 @@ from diffmix.runs import load_checkpoint
 from diffmix.seg.cli import parse_dataset_arg
 from diffmix.seg.data import PatchItems, Source, mix_plan
 from diffmix.seg.models import build_segmenter, load_segmenter
-from diffmix.seg.train import SegTrainConfig, resolve_config, train_segmenter
+from diffmix.seg.train import LOG_NAME, SegTrainConfig, resolve_config, train_segmenter
 
 SCHEME = CONSEP.merged()
 
@@ -205,7 +205,15 @@ def test_resume_after_kill9_continues_identically(toy_folder, tmp_path):
     proc.wait()
     assert not (out / "final.safetensors").exists(), "the run finished before it could be killed"
     killed_at = len(read_log(out))
+    # what a kill during a checkpoint or log write leaves: the resumed run must delete them
+    (out / ".ckpt_00000099.k3j4h5g6.tmp.safetensors").write_bytes(b"half a checkpoint")
+    (out / ".log.abcdefgh.tmp.jsonl").write_bytes(b"{")
     subprocess.run(_cli_script(["seg", "train", str(out), *common]), check=True, timeout=300)
+    # every file but the log (wall-clock timings) is byte for byte the uninterrupted run's
+    ref_files = sorted(p.name for p in ref.iterdir() if p.name != LOG_NAME)
+    assert sorted(p.name for p in out.iterdir() if p.name != LOG_NAME) == ref_files
+    for name in ref_files:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     got, want = read_log(out), read_log(ref)
     assert killed_at < len(want) == 48
     assert [r["step"] for r in got] == [r["step"] for r in want]

@@ -256,11 +256,18 @@ class _Positions(torch.utils.data.Dataset):
 def epoch_loader(
     items: PatchItems, epoch: int, positions: Sequence[int], batch_size: int, num_workers: int = 0
 ) -> torch.utils.data.DataLoader:
-    """Batches over `positions` in order (drop_last, as hover_net's training loader)."""
+    """Batches over `positions` in order (drop_last, as hover_net's training loader).
+
+    The loader gets its own generator: without one, every iterator draws its workers' base
+    seed from the global torch RNG, so a run resumed mid-epoch (one more iterator) carried a
+    different RNG state into its checkpoints than the uninterrupted run. Items draw from their
+    own counter-based generators (`PatchItems.item`), so the base seed changes no data.
+    """
     return torch.utils.data.DataLoader(
         _Positions(items, epoch, positions),
         batch_size=batch_size,
         shuffle=False,
         drop_last=True,
         num_workers=num_workers,
+        generator=torch.Generator().manual_seed((int(items.seed) * 1_000_003 + int(epoch)) % 2**63),
     )
