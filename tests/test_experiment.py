@@ -27,7 +27,7 @@ MICRO = {
     },
     # 64-px toy tiles hold few nuclei: a 30-px border and the 2.3x area rule would leave no swap,
     # so the micro run balances with an 8-px border and any smaller source.
-    "synthesis": {"patch": 32, "stride": 32, "steps": 4, "batch_size": 16,
+    "synthesis": {"patch": 32, "stride": 32, "steps": 4, "batch_size": 16, "max_patches": 6,
                   "balance": {"border": 8, "area_ratio": 1.0}},
     "seg": {"preset": "cpu-tiny", "patch": 32, "stride": 32, "infer_batch_size": 4,
             "overrides": {"patch_size": 32, "batch_size": 4, "batch_size_phase2": 4, "samples_per_epoch": None,
@@ -91,6 +91,9 @@ def test_micro_experiment_all_arms(tmp_path: Path) -> None:
         for key in ("dice", "aji", "dq", "sq", "pq", "acc", "f1_1", "f1_2", "f1_3", "f1_4"):
             assert 0.0 <= r["summary"]["mean"][key] <= 1.0, (arm, key)
     assert set(results["fidelity"]) == {"DiffMix-B maps", "DiffMix-E maps", "GradMix"}
+    # every synthetic pool is cut at the same 6 grid positions (GradMix included)
+    pools = {k: sorted(p.name for p in (out / "synth" / k / "Labels").iterdir()) for k in ("balance", "enlarge", "gradmix")}
+    assert len(pools["gradmix"]) == 6 and pools["gradmix"] == pools["balance"] == pools["enlarge"]
     # two seeds of one fold: separate runs with their own training seed
     assert sorted(p.name for p in (out / "seg" / "baseline").iterdir()) == ["fold0-seed0", "fold0-seed1"]
     iv = results["intervals"]

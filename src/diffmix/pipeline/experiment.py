@@ -327,6 +327,14 @@ class Experiment:
                 images, report = gradmix_dataset(train.samples, minor_class=train.scheme.minor_class, seed=self.cfg.seed)
                 s = self.cfg.synthesis
                 patches = [p for img in images for p in grid_patches(img, s.patch, s.stride)]
+                if s.max_patches is not None:
+                    # the same grid positions as the SDM sets: every arm draws its synthetic
+                    # patches from a pool of the same size and places (docs/study.md)
+                    from diffmix.synth import plan_jobs
+
+                    keep = {j.name for j in plan_jobs(train, "balance", patch=s.patch, stride=s.stride,
+                                                      seed=self.cfg.seed, max_patches=s.max_patches)}
+                    patches = [p for p in patches if p.name in keep]
                 write_dataset(out, patches, train.scheme, {"kind": "gradmix", "seed": self.cfg.seed,
                                                           "patch": s.patch, "stride": s.stride})
                 _timed(self.log, "gradmix", t0, patches=len(patches))
