@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from diffmix.data.patches import grid_patches
-from diffmix.pipeline.report import class_distribution_figure, label_rgb, sample_grid_figure
+from diffmix.pipeline.report import class_distribution_figure, class_legend, label_rgb, sample_grid_figure
 
 if TYPE_CHECKING:
     from diffmix.pipeline.experiment import Experiment
@@ -27,7 +27,7 @@ def make_figures(exp: "Experiment", results: Mapping[str, Any]) -> dict[str, Pat
     }
     rows = sample_rows(exp)
     if rows:
-        figures["samples"] = sample_grid_figure(rows, folder / "samples.png")
+        figures["samples"] = sample_grid_figure(rows, folder / "samples.png", legend=class_legend(train.scheme))
     return figures
 
 

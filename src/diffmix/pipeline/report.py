@@ -169,20 +169,23 @@ def class_distribution_figure(counts: Mapping[str, Mapping[int, int]], scheme: C
     sets = list(counts)
     classes = list(scheme.class_ids)
     width = 0.8 / max(1, len(sets))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    # Sets in greys, dark (original) to light: hues belong to the classes in the label maps.
+    shades = plt.get_cmap("Greys")(np.linspace(0.85, 0.25, len(sets))) if sets else []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
     for ax, normalise in zip(axes, (False, True)):
         for i, name in enumerate(sets):
             c = counts[name]
             total = sum(c.values()) or 1
             values = [c.get(k, 0) / total if normalise else c.get(k, 0) for k in classes]
             xs = np.arange(len(classes)) + (i - (len(sets) - 1) / 2) * width
-            ax.bar(xs, values, width, label=name)
+            ax.bar(xs, values, width, label=name, color=shades[i], edgecolor="black", linewidth=0.5)
         ax.set_xticks(np.arange(len(classes)))
-        ax.set_xticklabels([scheme.class_name(k) for k in classes], rotation=15)
+        ax.set_xticklabels([scheme.class_name(k) for k in classes])
         ax.set_ylabel("share of nuclei" if normalise else "nuclei")
         ax.set_title("class proportions" if normalise else "class counts")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    # One legend for both panels, above them, where it cannot cover a bar.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=max(1, len(sets)), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     return _save_figure(fig, path)
 
 
@@ -197,26 +200,48 @@ def label_rgb(inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
     return out
 
 
-def sample_grid_figure(rows: Sequence[Sequence[tuple[str, np.ndarray | None]]], path: Path) -> Path:
-    """One row per example, one column per (title, RGB image); None cells are left blank."""
+def class_legend(scheme: ClassScheme) -> list[tuple[str, tuple[int, int, int]]]:
+    """(class name, RGB) of each class as `label_rgb` colours it: the label maps' legend."""
+    return [(scheme.class_name(c), tuple(int(v) for v in CLASS_COLOURS[min(c, len(CLASS_COLOURS) - 1)]))
+            for c in scheme.class_ids]
+
+
+def sample_grid_figure(
+    rows: Sequence[Sequence[tuple[str, np.ndarray | None]]],
+    path: Path,
+    legend: Sequence[tuple[str, Sequence[int]]] = (),
+) -> Path:
+    """One row per example, one column per (title, RGB image); None cells are left blank.
+    `legend` ((name, RGB) pairs, e.g. `class_legend`) is drawn under the grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.1 * n_cols, 2.2 * n_rows), squeeze=False)
+    legend_h = 0.6 if legend else 0.0  # inches under the grid for the legend and its title
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.1 * n_cols, 2.35 * n_rows + legend_h), squeeze=False)
     for r, row in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r][c]
-            ax.axis("off")
-            if c < len(row):
-                title, image = row[c]
-                if image is not None:
-                    ax.imshow(image, interpolation="nearest")
-                if r == 0:
-                    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+            image = row[c][1] if c < len(row) else None
+            if image is None:
+                ax.axis("off")
+            else:
+                # A thin frame, not axis("off"): a label map on white shows where its tile ends.
+                ax.imshow(image, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#999999")
+            if r == 0 and c < len(row):
+                ax.set_title(row[c][0], fontsize=10)
+    if legend:
+        handles = [Patch(facecolor=np.asarray(rgb) / 255, edgecolor=(40 / 255,) * 3, label=name) for name, rgb in legend]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=10,
+                   title="classes in the label maps", title_fontsize=10)
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1), h_pad=1.0)
     return _save_figure(fig, path)
 
 
@@ -314,10 +339,13 @@ def write_report(
             parts.append(f"<h2>{html.escape(caption)}</h2>{_embed(Path(figures[key]))}")
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:4px 8px;"
-             "text-align:right;font-size:14px}th{background:#f2f2f2}td.best{font-weight:bold;background:#e6f4ea}"
-             "img{max-width:100%}")
+    # A table wider than the page (intervals, many classes, a narrow window) scrolls inside its
+    # own box instead of pushing the page sideways or wrapping a number across two lines.
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;display:block;width:max-content;max-width:100%;overflow-x:auto}"
+             "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right;font-size:13px;white-space:nowrap;"
+             "font-variant-numeric:tabular-nums}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}"
+             "td.best{font-weight:bold;background:#e6f4ea}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
     report_html = out / "report.html"
