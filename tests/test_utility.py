@@ -106,6 +106,11 @@ def test_study_structure_counts_and_pairing(tmp_path):
         assert len(arm["seeds"]) == 2
         for m, iv in arm["intervals"].items():
             assert iv["low"] <= iv["estimate"] <= iv["high"] or np.isclose(iv["low"], iv["high"])
+    rec = res["recognition"]
+    assert rec["classifier"] == REAL_BALANCED and list(rec["sets"]) == ["real test", "syn"]
+    assert rec["sets"]["syn"]["n"] == {c: int((own.labels == c).sum()) for c in real_n}
+    for r in rec["sets"].values():
+        assert all(v is None or 0.0 <= v <= 1.0 for v in r["recall"].values())
     json.dumps(res)
     # same seeds, same result
     again = utility_study(train, test, {"syn": synth}, settings=settings, seeds=(0, 1), n_boot=200, progress=False)
@@ -123,6 +128,7 @@ def test_cli_reports_arms_and_writes_json(tmp_path):
              "--steps", "3", "--width", "4", "--crop", "16", "--seeds", "0", "--quiet", "--json", str(out))
     assert r.returncode == 0, r.stderr
     assert "real + synth" in r.stdout and "difference vs real" in r.stdout and "F1 miscellaneous" in r.stdout
+    assert "recognised as their class" in r.stdout and "recall miscellaneous" in r.stdout
     data = json.loads(out.read_text())
     assert data["seeds"] == [0] and "real + synth" in data["differences"]
     # validation folds of --train instead of --test: 3 images, 3 folds, 1 held out

@@ -266,6 +266,8 @@ def utility_study(
         "real + label"); their class ids must be the scheme's.
     Returns {"arms": {arm: {"mean": scores, "seeds": [scores], "intervals": {metric:
     interval}}}, "differences": {arm: {metric: paired interval of arm - real}},
+    "recognition": {"classifier": arm, "sets": {"real test" | label: {"recall": {class: share
+    of that class's nuclei the real-data classifier types as it, over seeds}, "n": nuclei}}},
     "n_train": {arm: nuclei per class}, "n_test": nuclei per class, "n_test_images",
     "seconds": {arm: training time}, "settings", "seeds"}.
     Metrics: acc, macro_f1 and f1_<class id>.
@@ -289,8 +291,15 @@ def utility_study(
     pools: dict[str, tuple[NucleusCrops, bool]] = {REAL: (real, False)}
     if balanced_control:
         pools[REAL_BALANCED] = (real, True)
-    for label, ds in synthetic.items():
-        pools[f"{REAL} + {label}"] = (NucleusCrops.concat([real, nucleus_crops(ds.samples, settings.crop)]), False)
+    synth_crops = {label: nucleus_crops(ds.samples, settings.crop) for label, ds in synthetic.items()}
+    for label, crops in synth_crops.items():
+        pools[f"{REAL} + {label}"] = (NucleusCrops.concat([real, crops]), False)
+    # Recognition: the real-only classifier (class-balanced when that arm runs, so the rare
+    # class is predicted at all) types each synthetic set's nuclei; per-class recall against
+    # the map's class says whether the SDM drew nuclei that look like their class, next to
+    # the same classifier's recall on real test nuclei.
+    judge = REAL_BALANCED if balanced_control else REAL
+    recognised: dict[str, list[np.ndarray]] = {label: [] for label in ["real test", *synth_crops]}
 
     def count(c: NucleusCrops) -> dict[int, int]:
         return {cls: int(np.count_nonzero(c.labels == cls)) for cls in class_ids}
@@ -304,7 +313,12 @@ def utility_study(
             per_seed = []
             for seed in seeds:
                 model = train_classifier(pool, k, settings, seed, balanced=balanced, progress=lambda _: bar.update())
-                per_seed.append(confusion_per_image(truth, predict(model, truth), k))
+                test_pred = predict(model, truth)
+                per_seed.append(confusion_per_image(truth, test_pred, k))
+                if arm == judge:
+                    recognised["real test"].append(per_seed[-1].sum(0))
+                    for label, crops in synth_crops.items():
+                        recognised[label].append(confusion_per_image(crops, predict(model, crops), k).sum(0))
             confusions[arm] = np.stack(per_seed)
             seconds[arm] = round(time.perf_counter() - t0, 1)
 
@@ -330,6 +344,15 @@ def utility_study(
                                      n_boot=n_boot)
                 for m in metrics
             }
+    result["recognition"] = {"classifier": judge, "sets": {}}
+    for label, confs in recognised.items():
+        conf = np.sum(confs, axis=0)
+        true_n = conf.sum(1)
+        recall = np.where(true_n > 0, np.diag(conf) / np.maximum(true_n, 1), np.nan)
+        result["recognition"]["sets"][label] = {
+            "recall": {int(c): (None if np.isnan(r) else float(r)) for c, r in zip(class_ids, recall)},
+            "n": {int(c): int(n) // len(seeds) for c, n in zip(class_ids, true_n)},
+        }
     result["n_train"] = {arm: count(pool) for arm, (pool, _) in pools.items()}
     result["n_test"] = count(truth)
     result["n_test_images"] = n_i
@@ -357,6 +380,18 @@ def format_utility(result: Mapping[str, Any], scheme: ClassScheme) -> str:
     lines.append(f"{'difference vs real':<{width}}" + "".join(f"{h:>24}" for _, h in metrics))
     for arm, d in result["differences"].items():
         lines.append(f"{arm:<{width}}" + "".join(f"{_interval(d[m], True):>24}" for m, _ in metrics))
+    rec = result.get("recognition")
+    if rec:
+        lines.append("")
+        lines.append(f"{'recognised as their class':<{width}}" + "".join(
+            f"{'recall ' + scheme.class_name(c):>24}" for c in scheme.class_ids))
+        for label, r in rec["sets"].items():
+            cells = []
+            for c in scheme.class_ids:
+                v = r["recall"].get(c, r["recall"].get(str(c)))
+                cells.append(f"{'-' if v is None else f'{v:.3f}'} (n={r['n'].get(c, r['n'].get(str(c)))})")
+            lines.append(f"{label:<{width}}" + "".join(f"{x:>24}" for x in cells))
+        lines.append(f"(by the '{rec['classifier']}' classifier, trained on real nuclei only)")
     n = result["n_test"]
     lines.append(
         f"(95% intervals over {result['n_test_images']} test images and {len(result['seeds'])} seeds; "
