@@ -128,15 +128,19 @@ def w(tmp_path_factory) -> dict[str, Path]:
     with open(p["pickle"], "wb") as fh:  # a pickle of a class: torch.load(weights_only=True) refuses it
         pickle.dump({"weights": Path("x")}, fh)
 
-    g16 = root / "g16" / "Images"
-    g16.mkdir(parents=True)
+    # a dataset whose image is a 16-bit greyscale PNG: it used to be clipped to white and
+    # "segmented" to 0 nuclei by seg infer, and trained on by sdm train
     from PIL import Image
 
-    Image.fromarray((np.arange(96 * 96).reshape(96, 96) * 7 % 65535).astype(np.uint16)).save(g16 / "grey16.png")
-    p["g16"] = g16.parent
+    p["g16"] = write_dataset(root / "g16", samples[:1], SCHEME, provenance={"test": "16-bit"})
+    for png in (p["g16"] / "Images").iterdir():
+        png.unlink()
+    Image.fromarray((np.arange(96 * 96).reshape(96, 96) * 7 % 65535).astype(np.uint16)).save(
+        p["g16"] / "Images" / f"{samples[0].name}.png")
 
     p["scheme_typo"] = root / "scheme_typo.yaml"
-    p["scheme_typo"].write_text("name: mine\nclasses: {1: a, 2: b}\nminor_clas: 1\n")
+    # `mrege` (merge) used to be ignored: raw classes 3 and 4 then failed as "not in scheme"
+    p["scheme_typo"].write_text("name: mine\nclasses: {1: a, 2: b}\nmrege: {1: [1, 3], 2: [2, 4]}\nminor_class: 1\n")
     p["bad_yaml"] = root / "bad.yaml"
     p["bad_yaml"].write_text("unet:\n  image_size: 32\n model_channels: [1, 2\n")
     p["seg_typo"] = root / "seg_typo.yaml"
@@ -239,7 +243,7 @@ CASES = [
     Case("seg-infer-batch-0", _INFER + " --batch-size 0", ("batch_size must be >= 1",)),
     Case("seg-infer-tile-0", _INFER + " --tile 0", ("tile must be >= 1",)),
     Case("seg-infer-overlap-odd", _INFER + " --overlap 3", ("overlap must be an even number",)),
-    Case("seg-infer-16bit", "seg infer {seg} {g16} {out} --no-progress", ("grey16.png", "16-bit")),
+    Case("seg-infer-16bit", "seg infer {seg} {g16} {out} --no-progress", ("Images/toy_000.png", "16-bit")),
     Case("seg-infer-missing-ckpt", "seg infer {root}/nope.safetensors {toy} {out}", ("nope.safetensors", "not found")),
     Case("seg-infer-pickle-ckpt", "seg infer {pickle} {toy} {out}", ("pickled.pt",)),
     Case("seg-infer-sdm-ckpt", "seg infer {sdm1} {toy} {out}", ("sdm1.safetensors", "not a diffmix segmenter")),
@@ -251,10 +255,10 @@ CASES = [
          "seg train {out} --train {toy} --preset hovernet-fast --pretrained {pickle} --epochs 1 --samples-per-epoch 4 "
          "--batch-size 1 --no-progress", ("pickled.pt", "not a readable weights file")),
     Case("sdm-train-bad-yaml", "sdm train {toy} {out} --preset {bad_yaml}", ("bad.yaml", "not valid YAML at line")),
-    Case("sdm-train-16bit", "sdm train {g16} {out} --preset {sdm_yaml}", ("g16",)),
+    Case("sdm-train-16bit", "sdm train {g16} {out} --preset {sdm_yaml}", ("Images/toy_000.png", "16-bit")),
     Case("sdm-train-crop-too-big", "sdm train {toy} {out} --preset {sdm_crop128}", ("smaller than the 128-px training crop",)),
     Case("sdm-train-unknown-preset", "sdm train {toy} {out} --preset nosuch", ("unknown sdm preset 'nosuch'",)),
-    Case("inspect-scheme-typo", "inspect {toy} --scheme {scheme_typo}", ("scheme_typo.yaml", "minor_clas"), out=""),
+    Case("inspect-scheme-typo", "inspect {toy} --scheme {scheme_typo}", ("scheme_typo.yaml", "unknown key(s) ['mrege']"), out=""),
     Case("inspect-scheme-bad-yaml", "inspect {toy} --scheme {root}/bad.yaml", ("bad.yaml", "line 3"), out=""),
     Case("evaluate-unknown-class", "evaluate --pred {toy}/Labels --true {toy} --classes 1,9", ("--classes", "[9]"), out=""),
     Case("evaluate-nan-centroid", "evaluate --pred {nan_pred} --true {nan_true}", ("img_a.mat", "NaN"), out=""),
