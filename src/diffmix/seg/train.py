@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset
-from diffmix.errors import CheckpointError, ConfigError
+from diffmix.errors import ConfigError
 from diffmix.seg.data import PatchItems, Source, check_schemes, epoch_loader
 from diffmix.seg.loss import LossConfig, hover_loss
 from diffmix.seg.models import HOVERNET_SIZES, SegModelConfig, build_segmenter
