@@ -120,6 +120,23 @@ def w(tmp_path_factory) -> dict[str, Path]:
     p["sdm_crop128"] = root / "sdm_crop128.yaml"
     p["sdm_crop128"].write_text(yaml.safe_dump({**SDM_TINY, "crop_size": 128}))
 
+    # experiment configs with one mistake each: caught before the run folder exists
+    exp = {"name": "hostile", "data": {"train": str(p["toy"]), "test": str(p["toy"])}, "folds": 1,
+           "sdm": {"preset": str(p["sdm_yaml"])}, "seg": {"preset": str(seg_yaml)},
+           "synthesis": {"patch": 32, "stride": 32, "steps": 2, "start_fraction": "0.5"}}
+    mistakes = {
+        "exp_missing_train": {"data": {"train": str(root / "no_such_dataset"), "test": str(p["toy"])}},
+        "exp_seg_typo": {"seg": {"preset": str(seg_yaml), "overrides": {"batch_sise": 2}}},
+        "exp_negative_epochs": {"epochs": {"baseline": -2, "gradmix": 1, "diffmix_b": 1, "diffmix_e": 1, "diffmix": 1}},
+        "exp_missing_ckpt": {"sdm": {"checkpoint": str(root / "no_such.safetensors")}},
+        "exp_sdm_typo": {"sdm": {"preset": str(p["sdm_yaml"]), "overrides": {"phase1_stepz": 3}}},
+        "exp_balance_typo": {"synthesis": {**exp["synthesis"], "balance": {"fractoin": 0.5}}},
+        "exp_bad_start": {"synthesis": {**exp["synthesis"], "start_fraction": "1.5"}},
+    }
+    for key, change in mistakes.items():
+        p[key] = root / f"{key}.yaml"
+        p[key].write_text(yaml.safe_dump({**exp, **change}))
+
     p["file"] = root / "a_file.txt"
     p["file"].write_text("not a folder\n")
     p["empty"] = root / "empty.safetensors"
@@ -263,6 +280,15 @@ CASES = [
     Case("evaluate-unknown-class", "evaluate --pred {toy}/Labels --true {toy} --classes 1,9", ("--classes", "[9]"), out=""),
     Case("evaluate-nan-centroid", "evaluate --pred {nan_pred} --true {nan_true}", ("img_a.mat", "NaN"), out=""),
     Case("experiment-missing-config", "experiment {root}/nope.yaml {out} --quiet", ("nope",)),
+    Case("experiment-missing-train", "experiment {exp_missing_train} {out} --quiet", ("no_such_dataset",)),
+    Case("experiment-seg-typo", "experiment {exp_seg_typo} {out} --quiet", ("arm baseline", "batch_sise")),
+    Case("experiment-negative-epochs", "experiment {exp_negative_epochs} {out} --quiet", ("arm baseline", "phase1_epochs")),
+    Case("experiment-missing-sdm-checkpoint", "experiment {exp_missing_ckpt} {out} --quiet", ("no_such.safetensors",)),
+    Case("experiment-sdm-typo", "experiment {exp_sdm_typo} {out} --quiet", ("phase1_stepz",)),
+    Case("experiment-balance-typo", "experiment {exp_balance_typo} {out} --quiet", ("fractoin",)),
+    Case("experiment-bad-start-fraction", "experiment {exp_bad_start} {out} --quiet", ("start_fraction",)),
+    Case("experiment-bad-device", "experiment {exp_seg_typo} {out} --quiet --device gpu0", ("gpu0",)),
+    Case("demo-bad-device", "demo --out {out} --quiet --device gpu0", ("gpu0",)),
 ]
 
 

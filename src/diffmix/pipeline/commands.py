@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 
+from diffmix.errors import ConfigError
 from diffmix.pipeline.report import ARM_LABELS
 
 
@@ -47,7 +48,7 @@ def run_demo(
     if data is not None:
         overrides["data"] = {"train": str(data), "scheme": scheme, "toy": None}
     elif scheme is not None:
-        raise typer.BadParameter("--scheme goes with --data (the toy data uses merged CoNSeP classes)")
+        raise ConfigError("--scheme goes with --data (the toy data uses merged CoNSeP classes)")
     cfg = load_experiment_config("demo", overrides)
     return run_experiment(cfg, out, device=device, progress=progress)
 

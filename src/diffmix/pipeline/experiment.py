@@ -231,16 +231,86 @@ class Experiment:
         self.cfg = config
         self.device = device
         self.progress = progress
-        self.out, self.resuming = prepare_run_folder(out, dump_config(config), kind="experiment")
-        self.log = JsonlLog(self.out / "stages.jsonl")
         self._train: Dataset | None = None
         self._test: Dataset | None = None
         self._synthetic: dict[str, Dataset] = {}
         self._sources: dict[str, dict[str, str]] = {}
+        self._t_read = 0.0
+        self._check()  # every input, before a folder exists: a mistake leaves nothing behind
+        self.out, self.resuming = prepare_run_folder(out, dump_config(config), kind="experiment")
+        self.log = JsonlLog(self.out / "stages.jsonl")
+
+    def _check(self) -> None:
+        """Raise the error each later stage would raise, now: device, data, SDM, synthesis
+        and segmenter configs of every arm (a typo would otherwise surface hours in)."""
+        from diffmix.data.schemes import CONSEP
+        from diffmix.distributed import resolve_device
+        from diffmix.sdm.sampler import start_index
+        from diffmix.seg.train import SegTrainConfig
+        from diffmix.synth import check_map_kwargs
+
+        if self.device is not None:
+            resolve_device(self.device)
+        cfg = self.cfg
+        if cfg.data.toy is None:
+            t0 = time.perf_counter()
+            self._train, self._test = self._user_datasets()
+            self._t_read = time.perf_counter() - t0
+            scheme = self._train.scheme
+        else:
+            scheme = CONSEP
+        if cfg.sdm.checkpoint:
+            path = Path(cfg.sdm.checkpoint)
+            if not path.is_file():
+                raise ConfigError(f"sdm.checkpoint {path} does not exist")
+            from diffmix.runs import checkpoint_meta
+
+            label_nc = (checkpoint_meta(path).get("unet_config") or {}).get("label_nc")
+            if label_nc is not None and int(label_nc) != scheme.num_classes + 2:
+                raise ConfigError(f"sdm.checkpoint {path} was trained for {int(label_nc) - 2} classes, "
+                                  f"the data has {scheme.num_classes} ({scheme.name})")
+        elif any(k in ("balance", "enlarge") for a in cfg.arms for k in ARM_SETS[a]):
+            from diffmix.sdm.train import resolve_train_config
+
+            resolve_train_config(cfg.sdm.preset, {"seed": cfg.seed, **cfg.sdm.overrides}, scheme.num_classes)
+        s = cfg.synthesis
+        start_index(s.steps, s.start_fraction)
+        kinds = {k for a in cfg.arms for k in ARM_SETS[a]}
+        for kind, kwargs in (("balance", s.balance), ("enlarge", s.enlarge)):
+            if kind in kinds:
+                check_map_kwargs(kind, kwargs, scheme)
+        for arm in cfg.arms:
+            overrides = {**cfg.seg.overrides, **arm_epochs(cfg.epochs[arm]), "seed": cfg.seed}
+            try:
+                build_config(SegTrainConfig, "seg", cfg.seg.preset, overrides, drop_none=False)
+            except ConfigError as exc:
+                raise ConfigError(f"seg settings of arm {arm}: {exc}") from None
 
     # ---- data
+    def _user_datasets(self) -> tuple[Dataset, Dataset]:
+        """The training and test sets of `data.train` (and `data.test`, or a held-out part)."""
+        spec = self.cfg.data
+        full = read_dataset(spec.train, spec.scheme)
+        if spec.test is not None:
+            test = read_dataset(spec.test, spec.scheme)
+            if test.scheme.name != full.scheme.name:
+                raise DataError(f"train ({full.scheme.name}) and test ({test.scheme.name}) use different schemes")
+            return full, test
+        names = sorted(full.names)
+        n_test = max(1, int(round(spec.test_fraction * len(names))))
+        if n_test >= len(names):
+            raise DataError(f"{spec.train}: too few images ({len(names)}) to hold out a test set")
+        held = set(np.random.default_rng([self.cfg.seed, 2]).choice(names, n_test, replace=False).tolist())
+        train = _subset(full, [s for s in full if s.name not in held], "train")
+        test = _subset(full, [s for s in full if s.name in held], "test")
+        train.root, test.root = full.root, full.root
+        return train, test
+
     def datasets(self) -> tuple[Dataset, Dataset]:
         if self._train is not None and self._test is not None:
+            if self._t_read and not self.resuming:
+                _timed(self.log, "data", time.perf_counter() - self._t_read, n_train=len(self._train), n_test=len(self._test))
+                self._t_read = 0.0
             return self._train, self._test
         spec = self.cfg.data
         t0 = time.perf_counter()
@@ -262,20 +332,7 @@ class Experiment:
                     write_dataset(test_dir, samples[toy.n_train :], CONSEP, prov | {"split": "test"})
             train, test = read_dataset(train_dir), read_dataset(test_dir)
         else:
-            full = read_dataset(spec.train, spec.scheme)
-            if spec.test is not None:
-                train, test = full, read_dataset(spec.test, spec.scheme)
-                if test.scheme.name != train.scheme.name:
-                    raise DataError(f"train ({train.scheme.name}) and test ({test.scheme.name}) use different schemes")
-            else:
-                names = sorted(full.names)
-                n_test = max(1, int(round(spec.test_fraction * len(names))))
-                if n_test >= len(names):
-                    raise DataError(f"{spec.train}: too few images ({len(names)}) to hold out a test set")
-                held = set(np.random.default_rng([self.cfg.seed, 2]).choice(names, n_test, replace=False).tolist())
-                train = _subset(full, [s for s in full if s.name not in held], "train")
-                test = _subset(full, [s for s in full if s.name in held], "test")
-                train.root, test.root = full.root, full.root
+            train, test = self._user_datasets()
         self._train, self._test = train, test
         if not self.resuming:
             _timed(self.log, "data", t0, n_train=len(train), n_test=len(test))
@@ -511,7 +568,6 @@ class Experiment:
         results["intervals"] = headline_intervals(evals, train.scheme.class_ids, train.scheme.minor_class)
         if self.cfg.utility is not None and any(ARM_SETS[a] for a in self.cfg.arms):
             results["utility"] = self.utility()
-        results["stages"] = JsonlLog(self.log.path).records()
         return results
 
     def class_counts(self) -> dict[str, dict[int, int]]:
