@@ -58,6 +58,11 @@ def test_arm_epochs_and_presets() -> None:
     assert paper.epochs == {"baseline": 100, "diffmix_b": 75, "diffmix_e": 75, "gradmix": 50, "diffmix": 50}
     with pytest.raises(ConfigError, match=r"epochs has no entry for arms \['gradmix', 'diffmix_b'"):
         build_config(ExperimentConfig, "experiment", None, {**MICRO, "epochs": {"baseline": 1}})
+    study = load_experiment_config("consep-cpu")  # docs/study.md: >= 3 seeds, equal steps per arm
+    assert study.seeds >= 3 and study.utility is not None and study.folds == 1
+    assert {"baseline", "gradmix", "diffmix"} <= set(study.arms)
+    assert len({study.epochs[a] for a in study.arms}) == 1 and study.seg.overrides["samples_per_epoch"]
+    assert study.sdm.preset == "consep-cpu" and study.synthesis.patch == study.seg.patch == 64
     with pytest.raises(ConfigError, match="exactly one of data.toy and data.train"):
         load_experiment_config("demo", {"data": {"train": "x"}})
     with pytest.raises(ConfigError, match="unknown experiment preset 'nope'"):
