@@ -117,6 +117,7 @@ def test_micro_experiment_all_arms(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "paired differences with 95% intervals" in md and "DiffMix − Baseline" in md
     assert "Utility" in md and "(real + DiffMix-B) − real" in md
+    assert "Recognition" in md and "| real test |" in md and "| DiffMix-B |" in md
     assert "cannot show whether DiffMix helps" in md  # the toy caveat (issue 10 item 5)
     counts = results["class_counts"]
     assert counts["balancing maps"][1] > counts["original"][1]  # balancing adds minor-class nuclei

@@ -147,6 +147,22 @@ def utility_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[
     return header, rows
 
 
+def recognition_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
+    """Per-class recall of the real-data utility classifier on real test and synthetic nuclei."""
+    rec = (results.get("utility") or {}).get("recognition")
+    if not rec:
+        return [], []
+    header = ["Nuclei"] + [f"recall {scheme.class_name(c)} (n)" for c in scheme.class_ids]
+    rows = []
+    for label, r in rec["sets"].items():
+        cells = []
+        for c in scheme.class_ids:
+            v, n = r["recall"].get(str(c), r["recall"].get(c)), r["n"].get(str(c), r["n"].get(c))
+            cells.append("-" if v is None else f"{v:.3f} ({n})")
+        rows.append([label] + cells)
+    return header, rows
+
+
 def fidelity_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
     header = ["Synthetic set", "images", "PQ", "Acc"] + [f"F {scheme.class_name(c)}" for c in scheme.class_ids]
     rows = []
@@ -289,6 +305,14 @@ def _sections(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str
                     f"set's, scored on all {sum(u['n_test'].values())} test nuclei; mean over {len(u['seeds'])} "
                     "seeds with 95% intervals over test images and seeds. 'real, class-balanced' draws real nuclei "
                     "with equal class probability: the prior shift of extra rare-class labels without new pixels.",
+                    h, r))
+    h, r = recognition_rows(results, scheme)
+    if r:
+        out.append(("Recognition: do synthetic nuclei look like their class?",
+                    f"The '{results['utility']['recognition']['classifier']}' utility classifier (real nuclei only) "
+                    "types each set's nuclei; the share of each class's nuclei it types as that class (recall), "
+                    "beside the same classifier on real test nuclei. Synthetic nuclei as recognisable as real ones "
+                    "score like the real test row; nuclei that do not show their map's class score near chance.",
                     h, r))
     h, r = fidelity_rows(results, scheme)
     if r:
