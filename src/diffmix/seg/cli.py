@@ -28,7 +28,7 @@ def parse_dataset_arg(text: str) -> tuple[str, int | None]:
 def register(app: typer.Typer) -> None:
     """Add the `seg` command group (train, infer) to the main `diffmix` app."""
     seg = typer.Typer(
-        help="Downstream nuclei segmentation + classification (HoVer-Net / small HoVer-style net).",
+        help="Downstream nuclei segmentation + classification (HoVer-Net, SONNET, small HoVer-style net).",
         no_args_is_help=True,
     )
 
@@ -39,14 +39,17 @@ def register(app: typer.Typer) -> None:
         extra: Optional[List[str]] = typer.Option(
             None, "--extra", help="Extra (synthetic) dataset folder, repeatable; PATH@N uses N samples of it."
         ),
-        preset: str = typer.Option("cpu-tiny", help="cpu-tiny, hovernet-fast, hovernet-original, or a YAML file."),
-        epochs: Optional[int] = typer.Option(None, help="Epochs of each phase (sets both)."),
+        preset: str = typer.Option(
+            "cpu-tiny", help="cpu-tiny, hovernet-fast, hovernet-original, sonnet, sonnet-cpu-tiny, or a YAML file."
+        ),
+        epochs: Optional[int] = typer.Option(None, help="Epochs of each phase (all of them)."),
         phase1_epochs: Optional[int] = typer.Option(None, help="Epochs of phase 1 (encoder frozen)."),
         phase2_epochs: Optional[int] = typer.Option(None, help="Epochs of phase 2 (all trained)."),
+        phase3_epochs: Optional[int] = typer.Option(None, help="Epochs of phase 3 (SONNET: self-guided)."),
         batch_size: Optional[int] = typer.Option(None, help="Batch size per process (both phases)."),
         samples_per_epoch: Optional[int] = typer.Option(None, help="Patches per epoch (default: every planned crop once, see crops_per_sample)."),
         seed: Optional[int] = typer.Option(None, help="Seed of initialisation and of the patch stream."),
-        pretrained: Optional[Path] = typer.Option(None, help="Local ImageNet encoder weights (HoVer-Net presets)."),
+        pretrained: Optional[Path] = typer.Option(None, help="Local ImageNet encoder weights (HoVer-Net and SONNET presets)."),
         msge: Optional[str] = typer.Option(None, help="MSGE derivatives: paper (default) or official."),
         augmentation: Optional[str] = typer.Option(
             None, help="light (dihedral + colour jitter) or hovernet (the official affine/blur/colour pipeline); "
@@ -58,7 +61,7 @@ def register(app: typer.Typer) -> None:
         threads: Optional[int] = typer.Option(None, help="torch CPU threads."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
-        """Train HoVer-Net or the small net on original [+ synthetic] datasets (two official phases)."""
+        """Train HoVer-Net, SONNET or the small net on original [+ synthetic] datasets (the official phases)."""
         from diffmix.runs import check_output_folder
         from diffmix.seg.train import resolve_config, train_segmenter
 
@@ -66,6 +69,7 @@ def register(app: typer.Typer) -> None:
         overrides: dict[str, Any] = {
             "phase1_epochs": epochs if phase1_epochs is None else phase1_epochs,
             "phase2_epochs": epochs if phase2_epochs is None else phase2_epochs,
+            "phase3_epochs": phase3_epochs,
             "batch_size": batch_size,
             "batch_size_phase2": batch_size,
             "samples_per_epoch": samples_per_epoch,
@@ -79,7 +83,7 @@ def register(app: typer.Typer) -> None:
             if msge not in ("paper", "official"):
                 raise ConfigError(f"--msge must be 'paper' or 'official', got {msge!r}")
             overrides["loss"] = {"msge": msge}
-        cfg = resolve_config(preset, overrides)
+        cfg = resolve_config(preset, overrides, epochs=epochs)
         preset_name = preset if not preset.endswith((".yaml", ".yml")) else str(Path(preset).resolve())
         final = train_segmenter(
             [parse_dataset_arg(t) for t in train],
@@ -108,7 +112,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu, cuda, ..."),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
-        """Tiled inference + HoVer-Net post-processing; writes what `diffmix evaluate` reads."""
+        """Tiled inference + the checkpoint network's post-processing (HoVer-Net or SONNET); writes what
+        `diffmix evaluate` reads."""
         from diffmix.runs import check_output_folder
         from diffmix.seg.infer import infer_folder
 

@@ -18,6 +18,15 @@ net; targets are centre-cropped by `crop_margin`. Sources smaller than the patch
 patches for a 270-input model) are mirror-padded (image reflected, labels padded with
 background, so no nucleus is duplicated; the padded band lies outside the 80x80 output window).
 
+SONNET (`targets="sonnet"`, `context=True`): the targets are NP, TP and the ordinal map
+(`diffmix.seg.sonnet.targets`) instead of NP, HV, TP, and every sample is first padded by the
+crop margin on each side (image mirrored, labels background), so that the output window, not
+the input window, ranges over the whole sample: with 97 px of context per side a 270 input
+supervises only its centre 76x76, and without the padding a 256 synthetic patch would teach
+only its centre 76x76 (9 %) while a 1000 px tile would never teach its 97 px border (notes 10;
+the official extraction pads 540 windows the same way). The number of crops per sample
+('area') is then counted in output windows: floor(256/76)^2 = 9 per synthetic patch.
+
 Augmentation, one of two (`augmentation`):
 - "light" (the default): the 8 dihedral flips/rotations of `diffmix.data.patches`, then colour
   jitter (brightness, contrast, saturation, each uniform in +-`colour_jitter`);
@@ -44,6 +53,8 @@ from diffmix.errors import ClassSchemeError, ConfigError
 
 #: Training augmentations of `PatchItems` (module docstring).
 AUGMENTATIONS = ("light", "hovernet")
+#: Target sets of `PatchItems`: HoVer-Net's (np, hv, tp) or SONNET's (np, tp, ord).
+TARGETS = ("hovernet", "sonnet")
 
 
 @dataclass(frozen=True)
@@ -112,15 +123,16 @@ def check_schemes(sources: Sequence[Source]) -> int:
     return nums.pop()
 
 
-def pad_to(sample: NucleiSample, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image, inst_map, type_map) padded to at least size x size, centred: image mirrored
-    (reflect; symmetric when the pad exceeds the image), labels with background."""
+def pad_to(sample: NucleiSample, size: int, context: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, inst_map, type_map) padded by `context` px on every side, then to at least
+    size x size, centred: image mirrored (reflect; symmetric when the pad exceeds the image),
+    labels with background."""
     h, w = sample.inst_map.shape
-    ph, pw = max(0, size - h), max(0, size - w)
-    if not ph and not pw:
+    ph, pw = max(0, size - h - 2 * context), max(0, size - w - 2 * context)
+    if not ph and not pw and not context:
         return sample.image, sample.inst_map, sample.type_map
-    pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-    mode = "reflect" if ph < h and pw < w else "symmetric"
+    pads = ((context + ph // 2, context + ph - ph // 2), (context + pw // 2, context + pw - pw // 2))
+    mode = "reflect" if sum(pads[0]) < h and sum(pads[1]) < w else "symmetric"
     image = np.pad(sample.image, pads + ((0, 0),), mode=mode)
     return image, np.pad(sample.inst_map, pads), np.pad(sample.type_map, pads)
 
@@ -142,7 +154,9 @@ class PatchItems(torch.utils.data.Dataset):
     """Epoch-indexed training items: `item(epoch, position)` -> dict of tensors.
 
     Returns image float32 (3,H,W) in [0,1], np int64 (h,w), hv float32 (2,h,w), tp int64 (h,w)
-    with H = `patch_size` and h = H - 2 * `crop_margin` (`diffmix.seg.targets.make_targets`).
+    with H = `patch_size` and h = H - 2 * `crop_margin` (`diffmix.seg.targets.make_targets`);
+    with `targets="sonnet"` ord int64 (h,w) in place of hv (`make_sonnet_targets`).
+    `context=True` pads every sample by `crop_margin` first (module docstring).
     As a torch Dataset it serves the epoch set by `set_epoch`, indexed by position.
     """
 
@@ -157,14 +171,22 @@ class PatchItems(torch.utils.data.Dataset):
         samples_per_epoch: int | None = None,
         crops: int | str = 1,
         augmentation: str = "light",
+        targets: str = "hovernet",
+        context: bool = False,
     ) -> None:
         self.sources = list(sources)
         self.num_classes = check_schemes(self.sources)
-        self.plan = mix_plan(self.sources, seed, patch_size, crops)
         self.patch_size = int(patch_size)
         self.crop_margin = int(crop_margin)
         if self.patch_size - 2 * self.crop_margin <= 0:
             raise ConfigError(f"patch size {patch_size} leaves no output after cropping {crop_margin} px per side")
+        if targets not in TARGETS:
+            raise ConfigError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+        self.targets = targets
+        self.context = self.crop_margin if context else 0
+        # with context padding a crop is one output window of the sample
+        unit = self.patch_size - 2 * self.crop_margin if context else patch_size
+        self.plan = mix_plan(self.sources, seed, unit, crops)
         self.seed = int(seed)
         self.augment = augment
         if augmentation not in AUGMENTATIONS:
@@ -213,7 +235,7 @@ class PatchItems(torch.utils.data.Dataset):
         sample = self.sources[si].dataset.samples[index]
         rng = np.random.default_rng([self.seed, epoch, position])
         size = self.patch_size
-        image, inst_map, type_map = pad_to(sample, size)
+        image, inst_map, type_map = pad_to(sample, size, self.context)
         h, w = inst_map.shape
         y = int(rng.integers(0, h - size + 1))
         x = int(rng.integers(0, w - size + 1))
@@ -231,6 +253,16 @@ class PatchItems(torch.utils.data.Dataset):
             if self.augment:
                 img = colour_jitter(img, self.jitter, rng)
         out = size - 2 * self.crop_margin
+        if self.targets == "sonnet":
+            from diffmix.seg.sonnet.targets import make_sonnet_targets
+
+            t = make_sonnet_targets(inst_map, type_map, out_size=out if self.crop_margin else None)
+            return {
+                "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+                "np": torch.from_numpy(t["np"]),
+                "tp": torch.from_numpy(t["tp"]),
+                "ord": torch.from_numpy(t["ord"]),
+            }
         targets = make_targets(inst_map, type_map, out_size=out if self.crop_margin else None)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),

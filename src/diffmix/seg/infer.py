@@ -17,9 +17,18 @@ reflected context on each side:
   kept pixel lie far from a tile edge, and with S a multiple of the network's total stride
   (the default 192 = 6 x 32) strided nets see the same pixel phase in every tile.
 
+- SONNET (crop_margin 97, 270 -> 76) keeps the centre 40 x 40 of every output tile, step 40,
+  as its official inference does (notes 6): its `default_overlap` is 36.
+
 The stitched NP / HV / TP maps of the whole image are then post-processed in one go
 (`postproc.postprocess`), as hover_net does, so nuclei on tile seams are never cut.
 `tile=None` on a net without a fixed input size runs the whole image as one tile.
+
+SONNET returns an ordinal map instead of HV maps: `predict_maps` stitches whatever maps a
+network returns (np, tp, and hv or ord, the ordinal decoded per tile to its level ŷ), and
+`segment_image` post-processes with the model's own `post_processing` ("sonnet":
+`diffmix.seg.sonnet.postproc`; HoVer-style nets: `postproc.postprocess`), so `seg infer`
+picks the right one from the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -58,6 +67,15 @@ CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
     (255, 128, 0),
     (128, 0, 255),
 )
+
+
+def _default_overlap(model: Any, side: int, margin: int) -> int:
+    """0 for nets with a crop margin (hover_net), tile // 4 rounded to even for 'same'-padded
+    nets; a model's own `default_overlap` (SONNET: 36, the official keep-40) wins."""
+    own = getattr(model, "default_overlap", None)
+    if own is not None:
+        return int(own)
+    return 0 if margin > 0 else 2 * ((side - 2 * margin) // 8)
 
 
 def _model_geometry(model: Any) -> tuple[int, int | None]:
@@ -116,7 +134,7 @@ def check_tiling(model: Any, tile: int | None, overlap: int | None, batch_size: 
         raise ConfigError(f"this network takes {input_size}-px tiles; got tile={tile}")
     side = tile if tile is not None else input_size
     if side is not None:
-        default = 0 if margin > 0 else 2 * ((side - 2 * margin) // 8)
+        default = _default_overlap(model, side, margin)
         tile_plan((side, side), crop_margin=margin, tile=(side, side), overlap=default if overlap is None else overlap)
 
 
@@ -137,7 +155,6 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
-@torch.inference_mode()
 def predict_image(
     model: Any,
     image: np.ndarray,
@@ -147,10 +164,28 @@ def predict_image(
     batch_size: int = 4,
     device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stitched HoVer-Net outputs over a whole image: (np_prob, hv, tp_prob); see `predict_maps`."""
+    maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
+    if "hv" not in maps:
+        raise ConfigError("this network returns no HV maps (a SONNET?): use predict_maps or segment_image")
+    return maps["np"], maps["hv"], maps["tp"]
+
+
+@torch.inference_mode()
+def predict_maps(
+    model: Any,
+    image: np.ndarray,
+    *,
+    tile: int | None = None,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+) -> dict[str, np.ndarray]:
     """Stitched network outputs over a whole image of any size.
 
     model: callable on float (B, 3, T, T) in [0, 1] returning {"np": (B, 2, O, O) logits,
-        "hv": (B, 2, O, O), "tp": (B, C, O, O) logits}, with attributes `crop_margin`
+        "hv": (B, 2, O, O) (or SONNET's "ord": (B, 16, O, O) logits), "tp": (B, C, O, O)
+        logits}, with attributes `crop_margin`
         ((T - O) // 2) and `input_size` (T, or None for any size). It runs in eval mode (a
         model in training mode is switched for the call and switched back: batch statistics
         would make every tile depend on its batch); it is moved to `device` when one is given.
@@ -158,10 +193,12 @@ def predict_image(
     tile: input tile side; must equal `model.input_size` when that is set (None takes it).
         None for a net without a fixed input size runs the whole image in one pass (tiles of
         `LARGE_IMAGE_TILE` above `WHOLE_IMAGE_MAX` px, to bound memory).
-    overlap: output pixels shared by neighbouring tiles (even); None = 0 for nets with a crop
-        margin (hover_net), tile // 4 rounded to even for 'same'-padded nets, and 64 px of
-        context (32 a side) around a whole-image pass.
-    Returns (np_prob float32 (H, W), hv float32 (2, H, W), tp_prob float32 (C, H, W)).
+    overlap: output pixels shared by neighbouring tiles (even); None = the model's
+        `default_overlap` if it has one (SONNET: 36), else 0 for nets with a crop margin
+        (hover_net), tile // 4 rounded to even for 'same'-padded nets, and 64 px of context
+        (32 a side) around a whole-image pass.
+    Returns {"np": np_prob float32 (H, W), "tp": tp_prob float32 (C, H, W), and "hv": float32
+    (2, H, W) or "ord": the decoded ordinal level float32 (H, W) in 0..8}.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -178,7 +215,7 @@ def predict_image(
         tile = LARGE_IMAGE_TILE
     if tile is not None:
         if overlap is None:
-            overlap = 0 if margin > 0 else 2 * ((tile - 2 * margin) // 8)
+            overlap = _default_overlap(model, tile, margin)
         tile_hw = (tile, tile)
     else:
         # one pass: a single tile whose kept part covers the image, rounded up for strides
@@ -215,47 +252,63 @@ def _run_tiles(
     overlap: int,
     batch_size: int,
     dev: torch.device,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> dict[str, np.ndarray]:
     """Run the network over the tiles of the padded image and stitch their central parts."""
     h, w = image_hw
     sh, sw = keep_hw
     th, tw = tile_hw
     b = overlap // 2
     full_h, full_w = len({o[0] for o in offsets}) * sh, len({o[1] for o in offsets}) * sw
-    np_out = np.zeros((full_h, full_w), dtype=np.float32)
-    hv_out = np.zeros((2, full_h, full_w), dtype=np.float32)
-    tp_out: np.ndarray | None = None
+    stitched: dict[str, np.ndarray] = {}
     for chunk in _batches(offsets, batch_size):
         batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
         x_in = torch.from_numpy(batch).to(dev).permute(0, 3, 1, 2).float().div_(255.0)
-        out = model(x_in)
-        try:
-            np_logits, hv, tp_logits = out["np"], out["hv"], out["tp"]
-        except (KeyError, TypeError):
-            raise CheckpointError("the network must return a dict with 'np', 'hv' and 'tp' maps") from None
-        expected = (len(chunk), th - 2 * margin, tw - 2 * margin)
-        for name, t, ch in (("np", np_logits, 2), ("hv", hv, 2), ("tp", tp_logits, None)):
-            if t.ndim != 4 or (t.shape[0], t.shape[2], t.shape[3]) != expected or (ch and t.shape[1] != ch):
-                raise CheckpointError(
-                    f"network output {name!r} has shape {tuple(t.shape)}; expected "
-                    f"({expected[0]}, {ch or 'C'}, {expected[1]}, {expected[2]}) for {th}x{tw} tiles "
-                    f"with crop margin {margin}"
-                )
-        np_prob = torch.softmax(np_logits.float(), dim=1)[:, 1].cpu().numpy()
-        hv_np = hv.float().cpu().numpy()
-        tp_prob = torch.softmax(tp_logits.float(), dim=1).cpu().numpy()
-        if tp_out is None:
-            tp_out = np.zeros((tp_prob.shape[1], full_h, full_w), dtype=np.float32)
-        for k, (y, x) in enumerate(chunk):
-            np_out[y : y + sh, x : x + sw] = np_prob[k, b : b + sh, b : b + sw]
-            hv_out[:, y : y + sh, x : x + sw] = hv_np[k, :, b : b + sh, b : b + sw]
-            tp_out[:, y : y + sh, x : x + sw] = tp_prob[k, :, b : b + sh, b : b + sw]
-    assert tp_out is not None
-    return (
-        np.ascontiguousarray(np_out[:h, :w]),
-        np.ascontiguousarray(hv_out[:, :h, :w]),
-        np.ascontiguousarray(tp_out[:, :h, :w]),
-    )
+        maps = _tile_maps(model(x_in), (len(chunk), th - 2 * margin, tw - 2 * margin), (th, tw), margin)
+        for name, values in maps.items():
+            if name not in stitched:
+                stitched[name] = np.zeros((values.shape[1], full_h, full_w), dtype=np.float32)
+            for k, (y, x) in enumerate(chunk):
+                stitched[name][:, y : y + sh, x : x + sw] = values[k, :, b : b + sh, b : b + sw]
+    out = {name: np.ascontiguousarray(v[:, :h, :w]) for name, v in stitched.items()}
+    for name in ("np", "ord"):  # single-channel maps are (H, W)
+        if name in out:
+            out[name] = out[name][0]
+    return out
+
+
+def _tile_maps(
+    out: Any, expected: tuple[int, int, int], tile_hw: tuple[int, int], margin: int
+) -> dict[str, np.ndarray]:
+    """Per-pixel maps (B, C, O, O) of one batch of network outputs, as they are stitched:
+    np -> P(nucleus) (1 channel), tp -> softmax, hv as is, ord -> decoded level (1 channel)."""
+    from diffmix.seg.sonnet.targets import NUM_LEVELS
+
+    if not isinstance(out, Mapping):
+        raise CheckpointError("the network must return a dict with 'np', 'hv' (or 'ord') and 'tp' maps")
+    try:
+        second = "ord" if "ord" in out and "hv" not in out else "hv"
+        np_logits, other, tp_logits = out["np"], out[second], out["tp"]
+    except (KeyError, TypeError):
+        raise CheckpointError("the network must return a dict with 'np', 'hv' (or 'ord') and 'tp' maps") from None
+    th, tw = tile_hw
+    for name, t, ch in (("np", np_logits, 2), (second, other, 2 if second == "hv" else 2 * NUM_LEVELS), ("tp", tp_logits, None)):
+        if t.ndim != 4 or (t.shape[0], t.shape[2], t.shape[3]) != expected or (ch and t.shape[1] != ch):
+            raise CheckpointError(
+                f"network output {name!r} has shape {tuple(t.shape)}; expected "
+                f"({expected[0]}, {ch or 'C'}, {expected[1]}, {expected[2]}) for {th}x{tw} tiles "
+                f"with crop margin {margin}"
+            )
+    maps = {
+        "np": torch.softmax(np_logits.float(), dim=1)[:, 1:2].cpu().numpy(),
+        "tp": torch.softmax(tp_logits.float(), dim=1).cpu().numpy(),
+    }
+    if second == "hv":
+        maps["hv"] = other.float().cpu().numpy()
+    else:
+        from diffmix.seg.sonnet.loss import predicted_levels
+
+        maps["ord"] = predicted_levels(other.float())[:, None].to(torch.float32).cpu().numpy()
+    return maps
 
 
 def segment_image(
@@ -268,7 +321,16 @@ def segment_image(
     device: str | torch.device | None = None,
     keep_unmarked: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
-    """`predict_image` then `postprocess` on the stitched maps: (inst_map, type_map, inst_info)."""
+    """Stitched maps, then the model's post-processing: (inst_map, type_map, inst_info).
+
+    HoVer-style nets: `predict_image` + `postproc.postprocess`; SONNET (`post_processing`
+    "sonnet"): `predict_maps` + `diffmix.seg.sonnet.postproc.postprocess_sonnet`.
+    """
+    if getattr(model, "post_processing", "hovernet") == "sonnet":
+        from diffmix.seg.sonnet.postproc import postprocess_sonnet
+
+        maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
+        return postprocess_sonnet(maps["np"], maps["ord"], maps["tp"], keep_unmarked=keep_unmarked)
     np_prob, hv, tp_prob = predict_image(
         model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device
     )
@@ -393,7 +455,8 @@ def infer_folder(
         holding a run with another checkpoint or other settings is refused (RunFolderError).
     tile, overlap, batch_size, device: see `predict_image`; batch_size and device do not
         change the result, so they may differ between a run and its resumption.
-    keep_unmarked: see `postproc.process_np_hv` (False = hover_net).
+    keep_unmarked: see `postproc.process_np_hv` (False = hover_net, and SONNET's official rule).
+    The post-processing is the checkpoint's network's: HoVer-Net's or SONNET's.
     Returns a summary {"out", "images", "done", "skipped", "nuclei"}.
     """
     from diffmix.seg.models import load_segmenter

@@ -10,7 +10,7 @@ Every model here maps `images` float (B,3,H,W) in [0,1] to a dict of logits/maps
 with `h = H - 2 * model.crop_margin`. `model.input_size` is the tile size the network expects
 (None: any size). Training and inference (`diffmix.seg.infer`) rely only on this interface.
 
-Three architectures (`SegModelConfig.arch`):
+Four architectures (`SegModelConfig.arch`):
 
 - `small`: a HoVer-style U-Net written here (shared encoder, three decoder heads, same padding, so
   output size = input size and `crop_margin` = 0) with configurable width/depth, so CPU runs
@@ -22,6 +22,11 @@ Three architectures (`SegModelConfig.arch`):
   the official CoNSeP checkpoints. A 256 patch is smaller than its 270 input: the training items
   (`diffmix.seg.data`) mirror-pad images by 7 px per side (labels padded with background); since only
   the centre 80x80 enters the loss, padded pixels never become targets. Larger tiles are cropped.
+- `sonnet`: SONNET (`diffmix.seg.sonnet.model.SonnetNet`), 270 -> 76 (`crop_margin` 97), with the
+  outputs np / ord (8 ordinal classifiers) / tp instead of np / hv / tp; its post-processing is
+  `diffmix.seg.sonnet.postproc` (the model says so in `post_processing`). The SONNET-only fields
+  (`input_size`, `width_coefficient`, `depth_coefficient`, `bottleneck`, `decoder_width`) are left
+  out of HoVer-Net configs when dumped, so older run folders still resume.
 
 HV channel order: MONAI's `HoVerNet` itself attaches no meaning to its two hv channels; the meaning
 comes from the targets it is trained on. MONAI's own target transform (`ComputeHoVerMaps`) stacks
@@ -45,11 +50,14 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from diffmix.errors import CheckpointError, ConfigError
 
-Arch = Literal["small", "hovernet-fast", "hovernet-original"]
+Arch = Literal["small", "hovernet-fast", "hovernet-original", "sonnet"]
+
+#: SegModelConfig fields that only SONNET reads (dumped only for arch sonnet).
+SONNET_FIELDS = ("input_size", "width_coefficient", "depth_coefficient", "bottleneck", "decoder_width")
 
 # hovernet_notes section 2: fast 256 -> 164, original 270 -> 80.
 HOVERNET_SIZES = {"hovernet-fast": (256, 164), "hovernet-original": (270, 80)}
@@ -66,9 +74,31 @@ class SegModelConfig(BaseModel):
     depth: int = Field(default=3, ge=1, le=6, description="small net: number of 2x downsamplings")
     max_width: int = Field(default=256, ge=2, description="small net: channel cap per level")
     pretrained: str | None = Field(
-        default=None, description="hovernet: local file with ImageNet encoder weights (no download)"
+        default=None, description="hovernet/sonnet: local file with ImageNet encoder weights (no download)"
     )
     pretrained_format: Literal["auto", "preact", "torchvision"] = "auto"
+    # SONNET (notes 3): the paper's values; smaller ones make the CPU preset
+    input_size: int = Field(default=270, description="sonnet: input side, 16k - 2 (output = input - 194)")
+    width_coefficient: float = Field(default=1.0, gt=0, le=2, description="sonnet: EfficientNet width multiplier")
+    depth_coefficient: float = Field(default=1.0, gt=0, le=2, description="sonnet: EfficientNet depth multiplier")
+    bottleneck: int = Field(default=1024, ge=8, description="sonnet: channels of conv_bot (f4)")
+    decoder_width: int = Field(default=256, ge=8, description="sonnet: decoder channels (multiple of 8)")
+
+    @model_validator(mode="after")
+    def _sonnet_fields_only_for_sonnet(self) -> "SegModelConfig":
+        stray = sorted(set(SONNET_FIELDS) & self.model_fields_set)
+        if self.arch != "sonnet" and stray:
+            raise ValueError(f"{', '.join(stray)} apply to arch 'sonnet' only, not {self.arch!r}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_sonnet_fields(self, handler: Any) -> dict[str, Any]:
+        # HoVer-Net run identities (config.yaml) stay as they were before SONNET existed
+        data = handler(self)
+        unused = SONNET_FIELDS if self.arch != "sonnet" else ("width", "depth", "max_width", "pretrained_format")
+        for name in unused:
+            data.pop(name, None)
+        return data
 
 
 # --------------------------------------------------------------------------- small net
@@ -318,8 +348,27 @@ def build_segmenter(config: SegModelConfig | Mapping[str, Any], load_pretrained:
         raise ConfigError("model.num_classes is not set (it normally comes from the dataset's class scheme)")
     if cfg.arch == "small":
         if cfg.pretrained:
-            raise ConfigError("model.pretrained applies to the HoVer-Net encoders only, not arch 'small'")
+            raise ConfigError("model.pretrained applies to the HoVer-Net encoders only (and SONNET's), not arch 'small'")
         model: nn.Module = SmallHoverNet(cfg.num_classes, cfg.width, cfg.depth, cfg.max_width)
+    elif cfg.arch == "sonnet":
+        from diffmix.seg.sonnet.model import SonnetNet, load_efficientnet_weights, output_size
+
+        output_size(cfg.input_size)  # a bad size fails before anything is built
+        if cfg.pretrained and load_pretrained and not Path(cfg.pretrained).expanduser().is_file():
+            raise CheckpointError(
+                f"{cfg.pretrained}: ImageNet EfficientNet-B0 weights not found "
+                "(give a local file; diffmix never downloads)"
+            )
+        model = SonnetNet(
+            cfg.num_classes,
+            input_size=cfg.input_size,
+            width_coefficient=cfg.width_coefficient,
+            depth_coefficient=cfg.depth_coefficient,
+            bottleneck=cfg.bottleneck,
+            decoder_width=cfg.decoder_width,
+        )
+        if cfg.pretrained and load_pretrained:
+            load_efficientnet_weights(model, cfg.pretrained)
     else:
         if cfg.pretrained and load_pretrained and not Path(cfg.pretrained).expanduser().is_file():
             # fail before building a 37 M-parameter network

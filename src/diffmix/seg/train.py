@@ -8,6 +8,19 @@ The regime follows the official PyTorch code (hovernet_notes section 3):
   i.e. epoch 25 of 50 in the official configuration;
 - the loss is `diffmix.seg.loss.hover_loss` (NP CE+Dice, HV MSE+MSGE, TP CE+Dice, weights 1).
 
+SONNET (`model.arch: sonnet`, preset `sonnet`) trains in the same loop with its own schedule,
+given as an explicit list of `phases` (notes 4): 50 epochs with the encoder frozen (Adam 1e-4,
+1e-5 after epoch 25, batch 8), 25 epochs of everything at a constant 1e-4 (batch 4: the official
+lr step of this phase sits at its last epoch, a no-op, D5), and 25 self-guided epochs at 1e-5
+(batch 4), with a global gradient-norm clip of 1.0 (`grad_clip`); its loss is
+`diffmix.seg.sonnet.loss.sonnet_loss` with class weights computed from the training type maps
+(D4) and written to config.yaml. **Fixed official defect D3 (phase 3 cannot start):** the
+released `config.get_model(phase=2)` imports a module `model.sonnet_v2` that does not exist, so
+the self-guided phase never runs; here a phase is a row of the schedule with `self_guided: true`
+and runs like any other. Each phase starts a fresh Adam (as HoVer-Net's phases here); the
+official restore most likely carried Adam's moments over, but that was inferred from the code,
+never observed (notes 12), and a fresh optimiser keeps one rule for every network.
+
 Run folder (design.md): `config.yaml` (the resolved config and the training sources), `log.jsonl`
 (one record per step: losses, lr, phase), `ckpt_<step>.safetensors` (model, optimiser, scheduler,
 position in the data stream, RNG states; written atomically at the end of every epoch, or every
@@ -29,7 +42,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset
@@ -37,19 +50,47 @@ from diffmix.errors import ConfigError
 from diffmix.seg.data import PatchItems, Source, check_schemes, epoch_loader
 from diffmix.seg.loss import LossConfig, hover_loss
 from diffmix.seg.models import HOVERNET_SIZES, SegModelConfig, build_segmenter
+from diffmix.seg.sonnet.loss import SonnetLossConfig, sonnet_loss
 
 FINAL_NAME = "final.safetensors"
 LOG_NAME = "log.jsonl"
 
 
+class PhaseConfig(BaseModel):
+    """One row of a training schedule (SONNET's table, notes 4): its own Adam, lr and batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(ge=0)
+    batch_size: int = Field(ge=1, description="per process")
+    lr: float = Field(gt=0)
+    lr_step_epochs: int | None = Field(
+        default=None, ge=1, description="lr x lr_gamma every this many epochs (StepLR); None = constant"
+    )
+    freeze_encoder: bool = False
+    self_guided: bool = Field(default=False, description="SONNET's re-weighting of uncertain pixels")
+
+
+#: The two-phase shorthand fields; a config with an explicit `phases` list sets none of them.
+SHORTHAND_FIELDS = (
+    "phase1_epochs", "phase2_epochs", "freeze_encoder_phase1", "batch_size", "batch_size_phase2", "lr",
+    "lr_step_fraction",
+)
+
+
 class SegTrainConfig(BaseModel):
     """Everything that determines the trained weights (runtime options such as the device,
-    loader workers and threads are arguments of `train_segmenter`, not part of the run)."""
+    loader workers and threads are arguments of `train_segmenter`, not part of the run).
+
+    The schedule is either the two-phase shorthand (HoVer-Net: `phase1_epochs`, `batch_size`,
+    `lr`, ...) or an explicit `phases` list (SONNET's three phases); `loss` is a HoVer-Net
+    `LossConfig` or, for arch sonnet, a `SonnetLossConfig`.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     model: SegModelConfig = SegModelConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig | SonnetLossConfig = LossConfig()
     patch_size: int | None = Field(
         default=None, ge=8, description="small net: training crop side; hovernet: fixed to its input size"
     )
@@ -78,20 +119,124 @@ class SegTrainConfig(BaseModel):
     seed: int = 0
     checkpoint_every: int | None = Field(default=None, ge=1, description="steps; None = end of every epoch")
     keep_checkpoints: int = Field(default=2, ge=1)
+    phases: list[PhaseConfig] | None = Field(
+        default=None, min_length=1, description="explicit schedule (SONNET); None = the two-phase shorthand"
+    )
+    grad_clip: float | None = Field(default=None, gt=0, description="global gradient-norm clip (SONNET: 1.0)")
+
+    @model_validator(mode="after")
+    def _schedule_and_loss_fit(self) -> "SegTrainConfig":
+        if self.phases is not None:
+            both = sorted(set(SHORTHAND_FIELDS) & self.model_fields_set)
+            if both:
+                raise ValueError(
+                    f"{', '.join(both)} cannot be combined with an explicit phases list: set them per phase"
+                )
+        sonnet = self.model.arch == "sonnet"
+        if sonnet and isinstance(self.loss, LossConfig):
+            given = self.loss.model_fields_set
+            stray = sorted(given - set(SonnetLossConfig.model_fields))
+            if stray:
+                raise ValueError(f"loss keys {', '.join(stray)} are HoVer-Net's; SONNET's loss has "
+                                 f"{', '.join(SonnetLossConfig.model_fields)}")
+            self.loss = SonnetLossConfig.model_validate(self.loss.model_dump(include=given))
+        elif not sonnet and isinstance(self.loss, SonnetLossConfig):
+            stray = sorted(self.loss.model_fields_set - set(LossConfig.model_fields))
+            raise ValueError(f"loss keys {', '.join(stray)} are SONNET's, not {self.model.arch!r}'s")
+        return self
 
     @model_serializer(mode="wrap")
     def _drop_default_augmentation(self, handler: Any) -> dict[str, Any]:
         # The run identity (config.yaml) leaves out `augmentation` at its default, so run folders
-        # written before the option existed still resume instead of being "a different run".
+        # written before the option existed still resume instead of being "a different run";
+        # the same for the schedule and clipping fields SONNET added.
         data = handler(self)
         if data.get("augmentation") == "light":
             data.pop("augmentation")
+        for name in ("phases", "grad_clip"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        if data.get("phases") is not None:  # the unused shorthand would only mislead a reader
+            for name in SHORTHAND_FIELDS:
+                data.pop(name, None)
         return data
 
 
-def resolve_config(preset: str | Path | None = "cpu-tiny", overrides: Mapping[str, Any] | None = None) -> SegTrainConfig:
-    """A shipped preset (cpu-tiny, hovernet-fast, hovernet-original) or YAML file, plus overrides."""
-    return build_config(SegTrainConfig, "seg", preset, overrides)
+def phase_plan(cfg: SegTrainConfig) -> list[PhaseConfig]:
+    """The schedule as a list of phases: `cfg.phases`, or HoVer-Net's two from the shorthand
+    (hovernet_notes 3: a StepLR at `lr_step_fraction` of each phase, the encoder frozen in the first)."""
+    if cfg.phases is not None:
+        return list(cfg.phases)
+    return [
+        PhaseConfig(
+            epochs=epochs,
+            batch_size=batch,
+            lr=cfg.lr,
+            lr_step_epochs=max(1, round(cfg.lr_step_fraction * epochs)),
+            freeze_encoder=frozen,
+        )
+        for epochs, batch, frozen in (
+            (cfg.phase1_epochs, cfg.batch_size, cfg.freeze_encoder_phase1),
+            (cfg.phase2_epochs, cfg.batch_size_phase2, False),
+        )
+    ]
+
+
+def resolve_config(
+    preset: str | Path | None = "cpu-tiny",
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    epochs: int | None = None,
+) -> SegTrainConfig:
+    """A shipped preset (cpu-tiny, hovernet-fast, hovernet-original, sonnet, sonnet-cpu-tiny) or
+    YAML file, plus overrides.
+
+    For a preset with an explicit `phases` list, the shorthand overrides the CLI passes are
+    applied to the phases: `phaseN_epochs` to phase N, `batch_size` to the first phase,
+    `batch_size_phase2` to every later one; `epochs` sets every phase whose own count is not
+    given. `phase3_epochs` exists only for such schedules.
+    """
+    overrides = dict(overrides or {})
+    phase3 = overrides.pop("phase3_epochs", None)
+    schedule_keys = ("phase1_epochs", "phase2_epochs", "batch_size", "batch_size_phase2")
+    rest = {k: v for k, v in overrides.items() if k not in schedule_keys}
+    base = build_config(SegTrainConfig, "seg", preset, rest)
+    if base.phases is None:
+        if phase3 is not None:
+            raise ConfigError("phase3_epochs applies to three-phase schedules (SONNET presets) only")
+        return build_config(SegTrainConfig, "seg", preset, overrides)
+    phases = [p.model_dump() for p in base.phases]
+    counts = {1: overrides.get("phase1_epochs"), 2: overrides.get("phase2_epochs"), 3: phase3}
+    for n, value in counts.items():
+        if value is not None and n > len(phases):
+            raise ConfigError(f"phase{n}_epochs: this schedule has {len(phases)} phase(s)")
+    for i, phase in enumerate(phases):
+        value = counts.get(i + 1)
+        if value is None:
+            value = epochs
+        if value is not None:
+            phase["epochs"] = value
+        batch = overrides.get("batch_size") if i == 0 else overrides.get("batch_size_phase2")
+        if batch is not None:
+            phase["batch_size"] = batch
+    return build_config(SegTrainConfig, "seg", preset, {**rest, "phases": phases})
+
+
+def training_class_weights(sources: Sequence[Source], num_classes: int, seed: int) -> tuple[list[float], list[float]]:
+    """(np_weights, type_weights) of SONNET's loss from the pixel counts of the training mix
+    (every planned sample once, synthetic sources included), notes 4 / D4."""
+    from collections import Counter
+
+    import numpy as np
+
+    from diffmix.seg.data import mix_plan
+    from diffmix.seg.sonnet.loss import class_weights
+
+    counts = np.zeros(num_classes + 1, dtype=np.int64)
+    for (si, i), times in sorted(Counter(mix_plan(sources, seed)).items()):
+        types = sources[si].dataset.samples[i].type_map
+        counts += times * np.bincount(types.ravel(), minlength=num_classes + 1)[: num_classes + 1]
+    return class_weights([counts[0], counts[1:].sum()]), class_weights(counts)
 
 
 def _as_source(obj: Any, default_count: int | None = None) -> Source:
@@ -109,22 +254,30 @@ def _steps_per_epoch(items: PatchItems, world: int, batch: int) -> int:
     return len(items.rank_positions(0, 0, world)) // batch
 
 
-def _phase_of(epoch: int, cfg: SegTrainConfig) -> int:
-    return 1 if epoch < cfg.phase1_epochs else 2
+def _phase_of(epoch: int, plan: Sequence[PhaseConfig]) -> int:
+    """1-based phase of a (0-based) epoch; epochs past the schedule belong to the last phase."""
+    end = 0
+    for n, spec in enumerate(plan, start=1):
+        end += spec.epochs
+        if epoch < end:
+            return n
+    return len(plan)
 
 
 class _Phase:
     """Optimiser + scheduler (+ DDP wrapper) of one training phase."""
 
-    def __init__(self, model: torch.nn.Module, cfg: SegTrainConfig, phase: int, dist_device: torch.device | None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cfg: SegTrainConfig, phase: int, spec: PhaseConfig, dist_device: torch.device | None
+    ) -> None:
         self.phase = phase
-        model.freeze_encoder(phase == 1 and cfg.freeze_encoder_phase1)
-        epochs = cfg.phase1_epochs if phase == 1 else cfg.phase2_epochs
+        self.spec = spec
+        model.freeze_encoder(spec.freeze_encoder)
         # hovernet_notes 3: a fresh Adam per phase, StepLR(25 of 50 epochs), stepped per epoch.
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-        step_size = max(1, round(cfg.lr_step_fraction * epochs))
-        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step_size, gamma=cfg.lr_gamma)
-        self.batch_size = cfg.batch_size if phase == 1 else cfg.batch_size_phase2
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, betas=tuple(cfg.betas))
+        step_size, gamma = (spec.lr_step_epochs, cfg.lr_gamma) if spec.lr_step_epochs else (1, 1.0)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=step_size, gamma=gamma)
+        self.batch_size = spec.batch_size
         self.module = model
         if dist_device is not None:
             from torch.nn.parallel import DistributedDataParallel
@@ -188,9 +341,30 @@ def train_segmenter(
             f"model.num_classes is {cfg.model.num_classes} but the datasets' scheme has {num_classes} classes"
         )
     model_cfg = cfg.model.model_copy(update={"num_classes": num_classes})
+    sonnet = cfg.model.arch == "sonnet"
+    if sonnet and isinstance(cfg.loss, SonnetLossConfig) and (cfg.loss.np_weights is None or cfg.loss.type_weights is None):
+        # D4: the class weights come from this run's training data, and config.yaml records them
+        np_w, tp_w = training_class_weights(sources, num_classes, cfg.seed)
+        loss = cfg.loss.model_copy(update={"np_weights": cfg.loss.np_weights or np_w,
+                                           "type_weights": cfg.loss.type_weights or tp_w})
+        cfg = cfg.model_copy(update={"loss": loss})
+    if sonnet and isinstance(cfg.loss, SonnetLossConfig) and len(cfg.loss.type_weights or []) != num_classes + 1:
+        raise ConfigError(
+            f"loss.type_weights has {len(cfg.loss.type_weights or [])} entries; the datasets' scheme needs "
+            f"{num_classes + 1} (background + {num_classes} classes)"
+        )
+    plan = phase_plan(cfg)
 
     if cfg.model.arch == "small":
         patch_size, margin = cfg.patch_size or 64, 0
+    elif sonnet:
+        from diffmix.seg.sonnet.model import output_size
+
+        in_size = cfg.model.input_size
+        out_size = output_size(in_size)
+        if cfg.patch_size not in (None, in_size):
+            raise ConfigError(f"sonnet takes {in_size}-px patches; patch_size {cfg.patch_size} cannot be used")
+        patch_size, margin = in_size, (in_size - out_size) // 2
     else:
         in_size, out_size = HOVERNET_SIZES[cfg.model.arch]
         if cfg.patch_size not in (None, in_size):
@@ -220,18 +394,18 @@ def train_segmenter(
     items = PatchItems(
         sources, patch_size, margin, seed=cfg.seed, augment=cfg.augment,
         jitter=cfg.colour_jitter, samples_per_epoch=cfg.samples_per_epoch, crops=cfg.crops_per_sample,
-        augmentation=cfg.augmentation,
+        augmentation=cfg.augmentation, targets="sonnet" if sonnet else "hovernet", context=sonnet,
     )
-    total_epochs = cfg.phase1_epochs + cfg.phase2_epochs
-    for phase, bs in ((1, cfg.batch_size), (2, cfg.batch_size_phase2)):
-        epochs = cfg.phase1_epochs if phase == 1 else cfg.phase2_epochs
-        if epochs and _steps_per_epoch(items, info.world_size, bs) == 0:
+    total_epochs = sum(spec.epochs for spec in plan)
+    for phase, spec in enumerate(plan, start=1):
+        bs = spec.batch_size
+        if spec.epochs and _steps_per_epoch(items, info.world_size, bs) == 0:
             raise ConfigError(
                 f"phase {phase}: {items.epoch_length()} patches per epoch over {info.world_size} process(es) "
                 f"give no full batch of {bs}; lower the batch size or raise samples_per_epoch"
             )
     steps_total = sum(
-        _steps_per_epoch(items, info.world_size, cfg.batch_size if _phase_of(e, cfg) == 1 else cfg.batch_size_phase2)
+        _steps_per_epoch(items, info.world_size, plan[_phase_of(e, plan) - 1].batch_size)
         for e in range(total_epochs)
     )
 
@@ -283,9 +457,9 @@ def train_segmenter(
     ph: _Phase | None = None
     t_last = time.perf_counter()
     for ep in range(epoch, total_epochs):
-        phase = _phase_of(ep, cfg)
+        phase = _phase_of(ep, plan)
         if ph is None or ph.phase != phase:
-            ph = _Phase(model, cfg, phase, dist_device)
+            ph = _Phase(model, cfg, phase, plan[phase - 1], dist_device)
             if saved is not None and int(saved["progress"]["phase"]) == phase:
                 ph.optimizer.load_state_dict(saved["optimizer"])
                 ph.scheduler.load_state_dict(saved["scheduler"])
@@ -299,9 +473,14 @@ def train_segmenter(
         for b, batch in enumerate(loader, start=first):
             batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
             outputs = ph.module(batch.pop("image"))
-            loss, terms = hover_loss(outputs, batch, cfg.loss)
+            if isinstance(cfg.loss, SonnetLossConfig):
+                loss, terms = sonnet_loss(outputs, batch, cfg.loss, self_guided=ph.spec.self_guided)
+            else:
+                loss, terms = hover_loss(outputs, batch, cfg.loss)
             ph.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             ph.optimizer.step()
             step += 1
             values = torch.tensor([float(loss.detach())] + list(terms.values()), dtype=torch.float64)
