@@ -58,6 +58,48 @@ def read_log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
 
 
+# --------------------------------------------------------------------------- config
+
+
+def test_presets_overrides_and_config_errors():
+    paper = resolve_config("sonnet")
+    # notes 4: 50 frozen (1e-4, 1e-5 after epoch 25, batch 8), 25 all (1e-4, batch 4),
+    # 25 self-guided (1e-5, batch 4); Adam, global-norm clip 1.0
+    assert [(p.epochs, p.batch_size, p.lr, p.lr_step_epochs, p.freeze_encoder, p.self_guided)
+            for p in phase_plan(paper)] == [(50, 8, 1e-4, 25, True, False), (25, 4, 1e-4, None, False, False),
+                                            (25, 4, 1e-5, None, False, True)]
+    assert paper.grad_clip == 1.0 and paper.lr_gamma == 0.1 and paper.model.arch == "sonnet"
+    assert isinstance(paper.loss, SonnetLossConfig) and paper.loss.ord == 1.0 and paper.loss.type_weights is None
+    tiny = resolve_config("sonnet-cpu-tiny")
+    assert count_parameters(build_segmenter({**tiny.model.model_dump(), "num_classes": 4}))["total"] < 1_000_000
+    # the CLI's shorthand lands on the phases: phaseN_epochs on phase N, batch_size on the
+    # first, batch_size_phase2 on the later ones, epochs on every phase not given
+    cfg = resolve_config("sonnet", {"phase1_epochs": 6, "batch_size": 3, "batch_size_phase2": 2}, epochs=1)
+    assert [(p.epochs, p.batch_size) for p in cfg.phases] == [(6, 3), (1, 2), (1, 2)]
+    cfg = resolve_config("sonnet", {"phase3_epochs": 5, "samples_per_epoch": None}, drop_none=False)
+    assert [p.epochs for p in cfg.phases] == [50, 25, 5] and cfg.samples_per_epoch is None
+    # HoVer-Net configs (and so their run folders' identities) carry none of SONNET's fields
+    from diffmix.config import dump_config
+
+    hover = dump_config(resolve_config("hovernet-fast"))
+    assert not {"phases", "grad_clip"} & set(hover) and "decoder_width" not in hover["model"]
+    assert "phase1_epochs" not in dump_config(paper)
+    for preset, overrides, message in (
+        ("sonnet", {"lr": 1e-3}, "lr cannot be combined with an explicit phases list"),
+        ("sonnet", {"loss": {"msge": "paper"}}, "msge are HoVer-Net's"),
+        ("cpu-tiny", {"loss": {"ord": 0.0}}, "ord are SONNET's"),
+        ("cpu-tiny", {"model": {"decoder_width": 8}}, "apply to arch 'sonnet' only"),
+        ("cpu-tiny", {"phase3_epochs": 2}, "three-phase schedules"),
+        ("sonnet", {"model": {"input_size": 256}}, None),
+    ):
+        if message is None:
+            with pytest.raises(ConfigError, match="16k - 2"):
+                build_segmenter({**resolve_config(preset, overrides).model.model_dump(), "num_classes": 4})
+            continue
+        with pytest.raises(ConfigError, match=message):
+            resolve_config(preset, overrides)
+
+
 # --------------------------------------------------------------------------- targets
 
 

@@ -187,6 +187,7 @@ def resolve_config(
     overrides: Mapping[str, Any] | None = None,
     *,
     epochs: int | None = None,
+    drop_none: bool = True,
 ) -> SegTrainConfig:
     """A shipped preset (cpu-tiny, hovernet-fast, hovernet-original, sonnet, sonnet-cpu-tiny) or
     YAML file, plus overrides.
@@ -194,17 +195,18 @@ def resolve_config(
     For a preset with an explicit `phases` list, the shorthand overrides the CLI passes are
     applied to the phases: `phaseN_epochs` to phase N, `batch_size` to the first phase,
     `batch_size_phase2` to every later one; `epochs` sets every phase whose own count is not
-    given. `phase3_epochs` exists only for such schedules.
+    given. `phase3_epochs` exists only for such schedules. `drop_none` as `build_config`
+    (a None schedule override always means "not given").
     """
     overrides = dict(overrides or {})
     phase3 = overrides.pop("phase3_epochs", None)
     schedule_keys = ("phase1_epochs", "phase2_epochs", "batch_size", "batch_size_phase2")
     rest = {k: v for k, v in overrides.items() if k not in schedule_keys}
-    base = build_config(SegTrainConfig, "seg", preset, rest)
+    base = build_config(SegTrainConfig, "seg", preset, rest, drop_none=drop_none)
     if base.phases is None:
         if phase3 is not None:
             raise ConfigError("phase3_epochs applies to three-phase schedules (SONNET presets) only")
-        return build_config(SegTrainConfig, "seg", preset, overrides)
+        return build_config(SegTrainConfig, "seg", preset, overrides, drop_none=drop_none)
     phases = [p.model_dump() for p in base.phases]
     counts = {1: overrides.get("phase1_epochs"), 2: overrides.get("phase2_epochs"), 3: phase3}
     for n, value in counts.items():
@@ -219,7 +221,7 @@ def resolve_config(
         batch = overrides.get("batch_size") if i == 0 else overrides.get("batch_size_phase2")
         if batch is not None:
             phase["batch_size"] = batch
-    return build_config(SegTrainConfig, "seg", preset, {**rest, "phases": phases})
+    return build_config(SegTrainConfig, "seg", preset, {**rest, "phases": phases}, drop_none=drop_none)
 
 
 def training_class_weights(sources: Sequence[Source], num_classes: int, seed: int) -> tuple[list[float], list[float]]:
