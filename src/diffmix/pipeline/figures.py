@@ -32,7 +32,7 @@ def make_figures(exp: "Experiment", results: Mapping[str, Any]) -> dict[str, Pat
 
 
 def sample_rows(exp: "Experiment") -> list[list[tuple[str, np.ndarray | None]]]:
-    """Rows of original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix for the
+    """Rows of original | its labels | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix for the
     patches whose balancing map gained the most minor-class nuclei (the interesting ones)."""
     train, _ = exp.datasets()
     arms = exp.cfg.arms
@@ -58,6 +58,7 @@ def sample_rows(exp: "Experiment") -> list[list[tuple[str, np.ndarray | None]]]:
         b, e, g = (sets.get(k, {}).get(name) for k in ("balance", "enlarge", "gradmix"))
         rows.append([
             ("original", o.image),
+            ("original labels", label_rgb(o.inst_map, o.type_map)),
             ("balancing map", label_rgb(b.inst_map, b.type_map) if b else None),
             ("DiffMix-B", b.image if b else None),
             ("enlarging map", label_rgb(e.inst_map, e.type_map) if e else None),

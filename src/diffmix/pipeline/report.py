@@ -343,7 +343,7 @@ def write_report(
     for head, text, header, rows in sections:
         md += [f"## {head}", "", text, ""] + _table_md(header, rows) + [""]
     for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
-                         ("samples", "Samples: original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
+                         ("samples", "Samples: original | its labels | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
         if key in figures:
             md += [f"## {caption}", "", f"![{key}]({Path(figures[key]).relative_to(out).as_posix()})", ""]
     if notes:
@@ -358,7 +358,7 @@ def write_report(
     for head, text, header, rows in sections:
         parts.append(f"<h2>{html.escape(head)}</h2><p>{html.escape(text)}</p>{_table_html(header, rows)}")
     for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
-                         ("samples", "Samples: original | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
+                         ("samples", "Samples: original | its labels | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
         if key in figures:
             parts.append(f"<h2>{html.escape(caption)}</h2>{_embed(Path(figures[key]))}")
     if notes:
