@@ -1,0 +1,22 @@
+"""Run some stages of the consep-cpu experiment in this process (several processes share the
+run folder, each on disjoint stages: 1-thread processes use 2 cores better than one 2-thread one).
+Usage: stage.py OUT synth KIND | seg ARM [ARM...] | utility"""
+import sys
+import diffmix.runs as runs
+runs.remove_temporaries = lambda *a, **k: None  # another process may be writing in this folder
+from diffmix.pipeline.experiment import Experiment, fold_splits, load_experiment_config
+
+out, what, *args = sys.argv[1:]
+exp = Experiment(load_experiment_config("consep-cpu"), out, progress=False)
+train, _ = exp.datasets()
+if what == "synth":
+    for kind in args:
+        exp.synthetic(kind)
+elif what == "seg":
+    names = fold_splits(train.names, exp.cfg.folds, exp.cfg.seed)[0]
+    for arm in args:
+        for s in range(exp.cfg.seeds):
+            exp.evaluation(arm, 0, exp.segmenter(arm, 0, names, s), s)
+elif what == "utility":
+    exp.utility()
+print("done", what, args)
