@@ -147,10 +147,11 @@ def test_cli_reports_arms_and_writes_json(tmp_path):
         (("--folds", "3", "--seeds", "1,1"), "distinct"),
         (("--folds", "3", "--steps", "0"), "--steps must be >= 1"),
         (("--folds", "3", "--crop", "7"), "crop size must be even"),
+        (("--folds", "3", "--json", "{train}"), "is a folder; give a file name"),  # checked before training
     ],
 )
 def test_cli_usage_errors_are_one_line(tmp_path, args, message):
     _toy(tmp_path)
-    r = _cli("--train", str(tmp_path / "train"), "--quiet", *args)
+    r = _cli("--train", str(tmp_path / "train"), "--quiet", *(a.format(train=tmp_path / "train") for a in args))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr

@@ -155,9 +155,11 @@ def utility_cmd(
 ) -> None:
     """Utility: per-class F1 of a nucleus classifier on real nuclei, trained on real +/- synthetic nuclei."""
     from diffmix.data.io import read_dataset
-    from diffmix.runs import write_json
+    from diffmix.runs import check_output_file, write_json
     from diffmix.utility import UtilitySettings, format_utility, utility_study
 
+    if json_out is not None:
+        check_output_file(json_out)  # before minutes of training, not after
     seed_list = _seed_list(seeds)
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
