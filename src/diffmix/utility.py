@@ -18,7 +18,6 @@ of each arm and of paired differences against the real-only arm.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -268,8 +267,8 @@ def utility_study(
     interval}}}, "differences": {arm: {metric: paired interval of arm - real}},
     "recognition": {"classifier": arm, "sets": {"real test" | label: {"recall": {class: share
     of that class's nuclei the real-data classifier types as it, over seeds}, "n": nuclei}}},
-    "n_train": {arm: nuclei per class}, "n_test": nuclei per class, "n_test_images",
-    "seconds": {arm: training time}, "settings", "seeds"}.
+    "n_train": {arm: nuclei per class}, "n_test": nuclei per class, "n_test_images", "settings",
+    "seeds"}: no wall-clock times, so the same inputs give the same bytes.
     Metrics: acc, macro_f1 and f1_<class id>.
     """
     from tqdm.auto import tqdm
@@ -305,11 +304,9 @@ def utility_study(
         return {cls: int(np.count_nonzero(c.labels == cls)) for cls in class_ids}
 
     confusions: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
     total = len(pools) * len(seeds) * settings.steps
     with tqdm(total=total, desc="utility", unit="step", disable=not progress) as bar:
         for arm, (pool, balanced) in pools.items():
-            t0 = time.perf_counter()
             per_seed = []
             for seed in seeds:
                 model = train_classifier(pool, k, settings, seed, balanced=balanced, progress=lambda _: bar.update())
@@ -320,7 +317,6 @@ def utility_study(
                     for label, crops in synth_crops.items():
                         recognised[label].append(confusion_per_image(crops, predict(model, crops), k).sum(0))
             confusions[arm] = np.stack(per_seed)
-            seconds[arm] = round(time.perf_counter() - t0, 1)
 
     metrics = ["acc", "macro_f1"] + [f"f1_{c}" for c in class_ids]
     n_s, n_i = len(seeds), len(truth.names)
@@ -356,7 +352,6 @@ def utility_study(
     result["n_train"] = {arm: count(pool) for arm, (pool, _) in pools.items()}
     result["n_test"] = count(truth)
     result["n_test_images"] = n_i
-    result["seconds"] = seconds
     result["settings"] = settings.__dict__.copy()
     result["seeds"] = [int(s) for s in seeds]
     return result
