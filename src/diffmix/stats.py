@@ -21,7 +21,7 @@ import numpy as np
 
 from diffmix.errors import DataError
 
-__all__ = ["bootstrap_indices", "percentile_interval", "bootstrap_interval", "paired_difference"]
+__all__ = ["bootstrap_indices", "percentile_interval", "bootstrap_interval", "paired_difference", "mean_over"]
 
 #: Resamples per interval: the 2.5% tail then holds 250 draws, enough for two stable digits.
 N_BOOT = 10_000
