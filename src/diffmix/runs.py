@@ -19,12 +19,14 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from diffmix.errors import CheckpointError, OutputError, RunFolderError
+
+if TYPE_CHECKING:  # torch is imported where it is used: `diffmix --help` must not pay for it
+    import torch
 
 
 _UMASK = os.umask(0)
@@ -172,6 +174,8 @@ class JsonlLog:
 
 def _flatten(prefix: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Replace tensors in a nested structure by placeholders, collecting them in `tensors`."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         key = prefix
         tensors[key] = obj.detach().cpu().contiguous()
@@ -225,6 +229,8 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[st
     because safetensors keeps metadata in a hash map whose order changes from process to
     process, so two keys made two runs with identical tensors write different files.
     """
+    import torch
+
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -352,6 +358,8 @@ def rng_state() -> dict[str, Any]:
     design.md), and the interpreter seeds them from the OS, so storing them made two runs with
     the same seed write different checkpoint bytes.
     """
+    import torch
+
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -360,6 +368,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore `rng_state()`; checkpoints of earlier versions also hold python and numpy states."""
+    import torch
+
     if "python" in state:
         random.setstate(_py_state_from_json(json.loads(state["python"])))
     if "numpy" in state:

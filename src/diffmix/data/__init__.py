@@ -1,20 +1,20 @@
 """Data layer: `NucleiSample`, class schemes, dataset folders, patches, the toy dataset."""
 
-from diffmix.data.io import Dataset, read_dataset, scan_dataset, write_dataset
-from diffmix.data.sample import NucleiSample, inst_centroids, remap_ids
-from diffmix.data.schemes import CONSEP, GLYSAC, PANNUKE, ClassScheme, get_scheme
+from diffmix._lazy import lazy_exports
 
-__all__ = [
-    "CONSEP",
-    "GLYSAC",
-    "PANNUKE",
-    "ClassScheme",
-    "Dataset",
-    "NucleiSample",
-    "get_scheme",
-    "inst_centroids",
-    "read_dataset",
-    "remap_ids",
-    "scan_dataset",
-    "write_dataset",
-]
+_EXPORTS = {
+    "Dataset": "diffmix.data.io",
+    "read_dataset": "diffmix.data.io",
+    "scan_dataset": "diffmix.data.io",
+    "write_dataset": "diffmix.data.io",
+    "NucleiSample": "diffmix.data.sample",
+    "inst_centroids": "diffmix.data.sample",
+    "remap_ids": "diffmix.data.sample",
+    "CONSEP": "diffmix.data.schemes",
+    "GLYSAC": "diffmix.data.schemes",
+    "PANNUKE": "diffmix.data.schemes",
+    "ClassScheme": "diffmix.data.schemes",
+    "get_scheme": "diffmix.data.schemes",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -1,31 +1,20 @@
 """Custom label maps for DiffMix: conditioning tensor, balancing and enlarging maps, GradMix."""
 
-from diffmix.maps.balance import BalanceReport, Swap, apply_swaps, balance_dataset, balance_plan
-from diffmix.maps.conditioning import condition_batch, condition_map, instance_edges, null_condition_like
-from diffmix.maps.enlarge import enlarge_dataset, enlarge_patch
+from diffmix._lazy import lazy_exports
 
-
-def __getattr__(name: str):
-    # GradMix pulls in OpenCV and scikit-image; importing them lazily keeps
-    # `diffmix.maps.conditioning` (used by every training step) light to import.
-    if name == "gradmix_dataset":
-        from diffmix.maps.gradmix import gradmix_dataset
-
-        return gradmix_dataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "BalanceReport",
-    "Swap",
-    "apply_swaps",
-    "balance_dataset",
-    "balance_plan",
-    "condition_batch",
-    "condition_map",
-    "enlarge_dataset",
-    "enlarge_patch",
-    "gradmix_dataset",
-    "instance_edges",
-    "null_condition_like",
-]
+_EXPORTS = {
+    "BalanceReport": "diffmix.maps.balance",
+    "Swap": "diffmix.maps.balance",
+    "apply_swaps": "diffmix.maps.balance",
+    "balance_dataset": "diffmix.maps.balance",
+    "balance_plan": "diffmix.maps.balance",
+    "condition_batch": "diffmix.maps.conditioning",
+    "condition_map": "diffmix.maps.conditioning",
+    "instance_edges": "diffmix.maps.conditioning",
+    "null_condition_like": "diffmix.maps.conditioning",
+    "enlarge_dataset": "diffmix.maps.enlarge",
+    "enlarge_patch": "diffmix.maps.enlarge",
+    "gradmix_dataset": "diffmix.maps.gradmix",
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
