@@ -15,13 +15,14 @@ array and a statistic is computed once per resample.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from diffmix.errors import DataError
 
-__all__ = ["bootstrap_indices", "percentile_interval", "bootstrap_interval", "paired_difference", "mean_over"]
+__all__ = ["bootstrap_indices", "percentile_interval", "bootstrap_interval", "paired_difference", "run_mean_interval",
+           "format_interval", "mean_over"]
 
 #: Resamples per interval: the 2.5% tail then holds 250 draws, enough for two stable digits.
 N_BOOT = 10_000
@@ -95,10 +96,25 @@ def paired_difference(
     order), and both see the same resampled images. kwargs: `bootstrap_interval`'s options.
     """
 
-    def diff(seeds: np.ndarray, images: np.ndarray) -> float:
-        return float(np.mean([stat_a(int(s), images) - stat_b(int(s), images) for s in seeds]))
+    return run_mean_interval(lambda s, images: stat_a(s, images) - stat_b(s, images), n_seeds, n_images, **kwargs)
 
-    return bootstrap_interval(diff, n_seeds, n_images, **kwargs)  # type: ignore[arg-type]
+
+def run_mean_interval(
+    stat: Callable[[int, np.ndarray], float], n_seeds: int, n_images: int, **kwargs: float | int
+) -> dict[str, float]:
+    """Interval of one arm's statistic averaged over its runs: stat(s, images) is seed s's
+    run on the given image indices; each resample averages it over the resampled seeds."""
+
+    def mean(seeds: np.ndarray, images: np.ndarray) -> float:
+        return float(np.mean([stat(int(s), images) for s in seeds]))
+
+    return bootstrap_interval(mean, n_seeds, n_images, **kwargs)  # type: ignore[arg-type]
+
+
+def format_interval(iv: Mapping[str, float], signed: bool = False) -> str:
+    """'0.123 [0.100, 0.150]' (signed: '+0.023 [-0.010, +0.050]') for tables and summaries."""
+    fmt = "{:+.3f}" if signed else "{:.3f}"
+    return f"{fmt.format(iv['estimate'])} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]"
 
 
 def mean_over(values: Sequence[float] | np.ndarray) -> Statistic:

@@ -29,7 +29,7 @@ from diffmix.data.io import Dataset
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import DataError
 from diffmix.metrics.classification import instance_types_centroids
-from diffmix.stats import N_BOOT, bootstrap_interval, paired_difference
+from diffmix.stats import N_BOOT, format_interval, paired_difference, run_mean_interval
 
 __all__ = [
     "NucleusCrops",
@@ -233,18 +233,10 @@ def scores_from_confusion(conf: np.ndarray, class_ids: Sequence[int]) -> dict[st
 
 def _metric(conf: np.ndarray, class_ids: Sequence[int], key: str) -> Callable[[int, np.ndarray], float]:
     """Statistic (seed, image indices) -> score on those images, from (seeds, images, K, K)."""
-    if key in ("acc", "macro_f1"):
-        return lambda s, imgs: scores_from_confusion(conf[s, imgs].sum(0), class_ids)[key]
-    cls = int(key.split("_", 1)[1])
-    j = list(class_ids).index(cls)
-
-    def f1(s: int, imgs: np.ndarray) -> float:
-        m = conf[s, imgs].sum(0)
-        tp = m[j, j]
-        den = 2 * tp + (m[:, j].sum() - tp) + (m[j, :].sum() - tp)
-        return float(2 * tp / den) if den else 1.0
-
-    return f1
+    if key.startswith("f1_"):
+        cls = int(key[3:])
+        return lambda s, imgs: scores_from_confusion(conf[s, imgs].sum(0), class_ids)["f1"][cls]
+    return lambda s, imgs: scores_from_confusion(conf[s, imgs].sum(0), class_ids)[key]
 
 
 def utility_study(
@@ -323,12 +315,7 @@ def utility_study(
     result: dict[str, Any] = {"arms": {}, "differences": {}}
     for arm, conf in confusions.items():
         per_seed_scores = [scores_from_confusion(c.sum(0), class_ids) for c in conf]
-        intervals = {}
-        for m in metrics:
-            stat = _metric(conf, class_ids, m)
-            intervals[m] = bootstrap_interval(
-                lambda s, imgs, stat=stat: float(np.mean([stat(int(x), imgs) for x in s])), n_s, n_i, n_boot=n_boot
-            )
+        intervals = {m: run_mean_interval(_metric(conf, class_ids, m), n_s, n_i, n_boot=n_boot) for m in metrics}
         result["arms"][arm] = {
             "mean": {m: intervals[m]["estimate"] for m in metrics},
             "seeds": per_seed_scores,
@@ -357,11 +344,6 @@ def utility_study(
     return result
 
 
-def _interval(iv: Mapping[str, float], signed: bool = False) -> str:
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    return f"{fmt.format(iv['estimate'])} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]"
-
-
 def format_utility(result: Mapping[str, Any], scheme: ClassScheme) -> str:
     """Two plain-text tables: each arm's scores with 95% intervals, then arm - real."""
     metrics = [("acc", "Acc"), ("macro_f1", "macro F1")] + [
@@ -370,11 +352,11 @@ def format_utility(result: Mapping[str, Any], scheme: ClassScheme) -> str:
     width = max(len(a) for a in result["arms"]) + 2
     lines = [f"{'arm':<{width}}" + "".join(f"{h:>24}" for _, h in metrics)]
     for arm, r in result["arms"].items():
-        lines.append(f"{arm:<{width}}" + "".join(f"{_interval(r['intervals'][m]):>24}" for m, _ in metrics))
+        lines.append(f"{arm:<{width}}" + "".join(f"{format_interval(r['intervals'][m]):>24}" for m, _ in metrics))
     lines.append("")
     lines.append(f"{'difference vs real':<{width}}" + "".join(f"{h:>24}" for _, h in metrics))
     for arm, d in result["differences"].items():
-        lines.append(f"{arm:<{width}}" + "".join(f"{_interval(d[m], True):>24}" for m, _ in metrics))
+        lines.append(f"{arm:<{width}}" + "".join(f"{format_interval(d[m], True):>24}" for m, _ in metrics))
     rec = result.get("recognition")
     if rec:
         lines.append("")

@@ -15,6 +15,7 @@ from diffmix.pipeline.report import ARM_LABELS
 def rare_class_summary(results: dict[str, Any]) -> list[str]:
     """One line per arm: the rare (minor) class F1, mean ± std over folds, and PQ."""
     from diffmix.data.schemes import ClassScheme
+    from diffmix.stats import format_interval
 
     scheme = ClassScheme.from_json(results["scheme"])
     key = f"f1_{scheme.minor_class}"
@@ -30,9 +31,8 @@ def rare_class_summary(results: dict[str, Any]) -> list[str]:
         a, b = pair.split(" - ")
         parts = []
         for metric in iv["metrics"]:
-            e = d[metric]
             name = "F " + scheme.class_name(scheme.minor_class) if metric.startswith("f1_") else metric.upper()
-            parts.append(f"{name} {e['estimate']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]")
+            parts.append(f"{name} {format_interval(d[metric], signed=True)}")
         lines.append(f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}: " + "   ".join(parts) + "  (95% CI)")
     return lines
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from diffmix.errors import DataError
 from diffmix.metrics.classification import stats_from_counts
-from diffmix.stats import N_BOOT, bootstrap_interval, paired_difference
+from diffmix.stats import N_BOOT, paired_difference, run_mean_interval
 
 #: (arm, reference arm) pairs reported, when both arms were run.
 COMPARISONS: tuple[tuple[str, str], ...] = (
@@ -67,9 +67,7 @@ def headline_intervals(
     out: dict[str, Any] = {"metrics": metrics, "arms": {}, "differences": {}, "n_runs": n_runs, "n_images": n_images}
     for arm, by_metric in stats.items():
         out["arms"][arm] = {
-            m: bootstrap_interval(lambda rs, imgs, f=f: float(np.mean([f(int(r), imgs) for r in rs])),
-                                  n_runs, n_images, n_boot=n_boot, seed=seed)
-            for m, f in by_metric.items()
+            m: run_mean_interval(f, n_runs, n_images, n_boot=n_boot, seed=seed) for m, f in by_metric.items()
         }
     for a, b in COMPARISONS:
         if a in stats and b in stats:

@@ -17,6 +17,7 @@ import numpy as np
 
 from diffmix.data.schemes import ClassScheme
 from diffmix.runs import atomic_path, atomic_write_text, write_json
+from diffmix.stats import format_interval
 
 ARM_LABELS = {
     "baseline": "Baseline",
@@ -108,11 +109,6 @@ def table1_html(results: Mapping[str, Any], scheme: ClassScheme) -> str:
     return f"<table><tr><th>Arm</th>{head}</tr>{''.join(rows)}</table>"
 
 
-def _iv(iv: Mapping[str, float], signed: bool = False) -> str:
-    fmt = "{:+.3f}" if signed else "{:.3f}"
-    return f"{fmt.format(iv['estimate'])} [{fmt.format(iv['low'])}, {fmt.format(iv['high'])}]"
-
-
 def _metric_name(key: str, scheme: ClassScheme) -> str:
     if key.startswith("f1_"):
         return f"F {scheme.class_name(int(key[3:]))}"
@@ -127,10 +123,10 @@ def interval_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list
         return [], []
     metrics = iv["metrics"]
     header = ["Arm / difference"] + [f"{_metric_name(m, scheme)} [95% CI]" for m in metrics]
-    rows = [[ARM_LABELS.get(a, a)] + [_iv(v[m]) for m in metrics] for a, v in iv["arms"].items()]
+    rows = [[ARM_LABELS.get(a, a)] + [format_interval(v[m]) for m in metrics] for a, v in iv["arms"].items()]
     for pair, v in iv["differences"].items():
         a, b = pair.split(" - ")
-        rows.append([f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}"] + [_iv(v[m], True) for m in metrics])
+        rows.append([f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}"] + [format_interval(v[m], True) for m in metrics])
     return header, rows
 
 
@@ -142,8 +138,8 @@ def utility_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[
         return [], []
     metrics = ["acc", "macro_f1"] + [f"f1_{c}" for c in scheme.class_ids]
     header = ["Training nuclei"] + [_metric_name(m, scheme) for m in metrics]
-    rows = [[arm] + [_iv(r["intervals"][m]) for m in metrics] for arm, r in u["arms"].items()]
-    rows += [[f"({arm}) − real"] + [_iv(d[m], True) for m in metrics] for arm, d in u["differences"].items()]
+    rows = [[arm] + [format_interval(r["intervals"][m]) for m in metrics] for arm, r in u["arms"].items()]
+    rows += [[f"({arm}) − real"] + [format_interval(d[m], True) for m in metrics] for arm, d in u["differences"].items()]
     return header, rows
 
 
