@@ -27,6 +27,13 @@ only its centre 76x76 (9 %) while a 1000 px tile would never teach its 97 px bor
 the official extraction pads 540 windows the same way). The number of crops per sample
 ('area') is then counted in output windows: floor(256/76)^2 = 9 per synthetic patch.
 
+Rare classes (`repeat_threshold`, repeat-factor sampling of Gupta et al., LVIS, CVPR 2019): by
+default every planned crop is equally likely. With a threshold t, f_c is the fraction of planned
+entries whose sample holds a class-c nucleus, and an entry is drawn with probability
+proportional to r = max(1, max over its classes of sqrt(t / f_c)) (with replacement, the epoch's
+length unchanged). A class is judged present in the whole sample, which is exact for the
+experiment's grid patches (one crop per sample) and coarse for large tiles.
+
 Augmentation, one of two (`augmentation`):
 - "light" (the default): the 8 dihedral flips/rotations of `diffmix.data.patches`, then colour
   jitter (brightness, contrast, saturation, each uniform in +-`colour_jitter`);
@@ -111,6 +118,23 @@ def mix_plan(
     return plan
 
 
+def repeat_factors(sources: Sequence[Source], plan: Sequence[tuple[int, int]], threshold: float) -> np.ndarray:
+    """LVIS repeat factor of every plan entry (module docstring): max(1, max_c sqrt(t / f_c))
+    over the classes c present in its sample, f_c the fraction of entries holding class c."""
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"repeat_threshold must be in (0, 1], got {threshold}")
+    presence: dict[tuple[int, int], np.ndarray] = {}
+    for si, i in set(plan):
+        classes = np.unique(sources[si].dataset.samples[i].type_map)
+        presence[(si, i)] = classes[classes > 0]
+    counts: dict[int, int] = {}
+    for entry in plan:
+        for c in presence[entry].tolist():
+            counts[c] = counts.get(c, 0) + 1
+    per_class = {c: max(1.0, float(np.sqrt(threshold * len(plan) / n))) for c, n in counts.items()}
+    return np.array([max([per_class[c] for c in presence[e].tolist()], default=1.0) for e in plan])
+
+
 def check_schemes(sources: Sequence[Source]) -> int:
     """K shared by every source; mixing datasets of different class schemes is refused."""
     ks = {(s.dataset.scheme.name, s.dataset.scheme.num_classes) for s in sources}
@@ -173,6 +197,7 @@ class PatchItems(torch.utils.data.Dataset):
         augmentation: str = "light",
         targets: str = "hovernet",
         context: bool = False,
+        repeat_threshold: float | None = None,
     ) -> None:
         self.sources = list(sources)
         self.num_classes = check_schemes(self.sources)
@@ -196,16 +221,22 @@ class PatchItems(torch.utils.data.Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
         self._orders: dict[int, np.ndarray] = {}
+        self.draw_weights = None if repeat_threshold is None else repeat_factors(self.sources, self.plan, repeat_threshold)
 
     def epoch_length(self) -> int:
         return self.samples_per_epoch or len(self.plan)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Plan indices of one epoch: a permutation of the plan, or `samples_per_epoch` draws
-        (whole permutations concatenated, so every sample appears before any repeats)."""
+        (whole permutations concatenated, so every sample appears before any repeats); with
+        repeat factors, independent draws weighted by them."""
         if epoch not in self._orders:
             rng = np.random.default_rng([self.seed, 104729, epoch])
             n = self.epoch_length()
+            if self.draw_weights is not None:
+                p = self.draw_weights / self.draw_weights.sum()
+                self._orders = {epoch: rng.choice(len(self.plan), size=n, replace=True, p=p)}
+                return self._orders[epoch]
             reps = -(-n // len(self.plan))
             self._orders = {epoch: np.concatenate([rng.permutation(len(self.plan)) for _ in range(reps)])[:n]}
         return self._orders[epoch]

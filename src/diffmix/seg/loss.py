@@ -15,11 +15,20 @@ axis, which is what the paper states, what MONAI's `HoVerNetLoss` computes, and 
 post-processing actually uses (Sobel of h along x, of v along y, hovernet_notes section 4).
 diffmix defaults to `paper` (design.md: where the official code has a defect, do the correct
 thing and say so); choose `official` to train exactly as hover_net does.
+
+Type class weights (`type_weights`, not in HoVer-Net): the official TP cross-entropy weighs
+every pixel alike, so a class covering 0.2% of the pixels (CoNSeP's miscellaneous in 64-px
+patches) contributes almost nothing to the gradient. `type_weights` multiplies the TP CE term
+of class c by w_c (background included), a per-pixel weighted mean as SONNET's
+`categorical_crossentropy_modified`; `"data"` asks the trainer for SONNET's rule computed from
+the run's own training mix, w_c = (N_background / N_c)^(1/3) rescaled to sum to the number of
+classes (`diffmix.seg.sonnet.loss.class_weights`). The Dice term is unchanged. None (default)
+is the official loss.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +49,11 @@ class LossConfig(BaseModel):
     tp_ce: float = Field(default=1.0, ge=0)
     tp_dice: float = Field(default=1.0, ge=0)
     msge: MsgeMode = "paper"
+    type_weights: list[float] | Literal["data"] | None = Field(
+        default=None,
+        description="TP cross-entropy weight per class (background first); 'data' = SONNET's rule from "
+        "the training mix; None = official (unweighted)",
+    )
 
 
 def sobel_kernels(size: int = 5, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +97,16 @@ def msge_loss(pred_hv: torch.Tensor, true_hv: torch.Tensor, focus: torch.Tensor,
     return (focus * diff * diff).sum() / (focus.sum() + 1.0e-8)
 
 
-def xentropy_loss(prob: torch.Tensor, true_onehot: torch.Tensor) -> torch.Tensor:
-    """hover_net's categorical CE on softmax probabilities (B,C,h,w) clamped at 1e-7, mean over pixels."""
+def xentropy_loss(prob: torch.Tensor, true_onehot: torch.Tensor, weights: Sequence[float] | None = None) -> torch.Tensor:
+    """hover_net's categorical CE on softmax probabilities (B,C,h,w) clamped at 1e-7, mean over
+    pixels; with `weights` (one per channel) the term of class c is multiplied by w_c."""
     prob = prob.clamp(1e-7, 1.0 - 1e-7)
-    return -(true_onehot * torch.log(prob)).sum(dim=1).mean()
+    per_class = true_onehot * torch.log(prob)
+    if weights is not None:
+        if len(weights) != prob.shape[1]:
+            raise ValueError(f"{len(weights)} class weights for {prob.shape[1]} channels")
+        per_class = per_class * torch.as_tensor(weights, dtype=prob.dtype, device=prob.device).view(1, -1, 1, 1)
+    return -per_class.sum(dim=1).mean()
 
 
 def dice_loss(prob: torch.Tensor, true_onehot: torch.Tensor, smooth: float = 1.0e-3) -> torch.Tensor:
@@ -125,7 +145,9 @@ def hover_loss(
             raise ValueError(f"type target has class {int(tp_true.max())} but the model has {n_types} tp channels")
         tp_prob = F.softmax(outputs["tp"], dim=1)
         tp_onehot = F.one_hot(tp_true, n_types).permute(0, 3, 1, 2).to(tp_prob.dtype)
-        terms["tp_ce"] = xentropy_loss(tp_prob, tp_onehot)
+        if cfg.type_weights == "data":
+            raise ValueError("loss.type_weights 'data' must be resolved from the training mix before training")
+        terms["tp_ce"] = xentropy_loss(tp_prob, tp_onehot, cfg.type_weights)
         terms["tp_dice"] = dice_loss(tp_prob, tp_onehot)
     total = sum(getattr(cfg, name) * value for name, value in terms.items())
     return total, {name: float(value.detach()) for name, value in terms.items()}

@@ -106,6 +106,11 @@ class SegTrainConfig(BaseModel):
     samples_per_epoch: int | None = Field(
         default=None, ge=1, description="patches per epoch; None = every planned crop once"
     )
+    repeat_threshold: float | None = Field(
+        default=None, gt=0, le=1,
+        description="repeat-factor sampling (LVIS): a patch with a class present in a fraction f < t of "
+        "the training patches is drawn max(1, sqrt(t/f)) times as often; None = uniform",
+    )
     crops_per_sample: Literal["area"] | int = Field(
         default="area", description="random crops of one sample per epoch: 'area' = floor(H/P)*floor(W/P)"
     )
@@ -153,9 +158,12 @@ class SegTrainConfig(BaseModel):
         data = handler(self)
         if data.get("augmentation") == "light":
             data.pop("augmentation")
-        for name in ("phases", "grad_clip"):
+        for name in ("phases", "grad_clip", "repeat_threshold"):
             if data.get(name) is None:
                 data.pop(name, None)
+        if isinstance(data.get("loss"), dict) and "type_weights" in data["loss"] and data["loss"]["type_weights"] is None \
+                and not isinstance(self.loss, SonnetLossConfig):
+            data["loss"].pop("type_weights")  # HoVer-Net's official loss: identities as before the option
         if data.get("phases") is not None:  # the unused shorthand would only mislead a reader
             for name in SHORTHAND_FIELDS:
                 data.pop(name, None)
@@ -225,7 +233,7 @@ def resolve_config(
 
 
 def training_class_weights(sources: Sequence[Source], num_classes: int, seed: int) -> tuple[list[float], list[float]]:
-    """(np_weights, type_weights) of SONNET's loss from the pixel counts of the training mix
+    """(np_weights, type_weights) by SONNET's rule from the pixel counts of the training mix
     (every planned sample once, synthetic sources included), notes 4 / D4."""
     from collections import Counter
 
@@ -350,6 +358,15 @@ def train_segmenter(
         loss = cfg.loss.model_copy(update={"np_weights": cfg.loss.np_weights or np_w,
                                            "type_weights": cfg.loss.type_weights or tp_w})
         cfg = cfg.model_copy(update={"loss": loss})
+    if isinstance(cfg.loss, LossConfig) and cfg.loss.type_weights == "data":
+        # the rule SONNET uses (D4), from this run's own mix; config.yaml records the numbers
+        _, tp_w = training_class_weights(sources, num_classes, cfg.seed)
+        cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"type_weights": tp_w})})
+    if isinstance(cfg.loss, LossConfig) and cfg.loss.type_weights is not None and len(cfg.loss.type_weights) != num_classes + 1:
+        raise ConfigError(
+            f"loss.type_weights has {len(cfg.loss.type_weights)} entries; the datasets' scheme needs "
+            f"{num_classes + 1} (background + {num_classes} classes)"
+        )
     if sonnet and isinstance(cfg.loss, SonnetLossConfig) and len(cfg.loss.type_weights or []) != num_classes + 1:
         raise ConfigError(
             f"loss.type_weights has {len(cfg.loss.type_weights or [])} entries; the datasets' scheme needs "
@@ -397,6 +414,7 @@ def train_segmenter(
         sources, patch_size, margin, seed=cfg.seed, augment=cfg.augment,
         jitter=cfg.colour_jitter, samples_per_epoch=cfg.samples_per_epoch, crops=cfg.crops_per_sample,
         augmentation=cfg.augmentation, targets="sonnet" if sonnet else "hovernet", context=sonnet,
+        repeat_threshold=cfg.repeat_threshold,
     )
     total_epochs = sum(spec.epochs for spec in plan)
     for phase, spec in enumerate(plan, start=1):
