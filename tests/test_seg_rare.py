@@ -121,3 +121,21 @@ def test_type_weights_from_the_training_mix_are_recorded(four, tmp_path):
     with pytest.raises(ConfigError, match="type_weights has 3 entries"):
         train_segmenter(four, tmp_path / "bad", {**TINY, "loss": {"type_weights": [1.0, 1.0, 1.0]}}, progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_prior_adjusted_type_probabilities_by_hand():
+    from diffmix.errors import DataError
+    from diffmix.seg.postproc import instance_types, prior_adjusted
+
+    tp = np.array([0.2, 0.5, 0.3], np.float32).reshape(3, 1, 1)
+    out = prior_adjusted(tp, [0.8, 0.15, 0.05], 1.0)
+    # 0.5 / 0.15 = 3.333, 0.3 / 0.05 = 6; renormalised to the nucleus mass 0.8; background kept
+    assert out[:, 0, 0] == pytest.approx([0.2, 0.8 * (10 / 3) / (10 / 3 + 6), 0.8 * 6 / (10 / 3 + 6)], rel=1e-6)
+    assert np.array_equal(prior_adjusted(tp, [0.8, 0.15, 0.05], 0.0), tp)
+    assert prior_adjusted(tp, [0.8, 0.2, 0.0], 1.0)[2, 0, 0] == 0.0  # never a target: left out
+    with pytest.raises(DataError, match="2 entries for 3"):
+        prior_adjusted(tp, [0.5, 0.5], 1.0)
+    # the instance vote follows: a nucleus whose pixels lean to the common class flips to the rare one
+    inst = np.ones((1, 1), np.int32)
+    assert instance_types(inst, tp)[0][0, 0] == 1
+    assert instance_types(inst, out)[0][0, 0] == 2

@@ -36,13 +36,13 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from diffmix.errors import CheckpointError, ConfigError, DataError
-from diffmix.seg.postproc import postprocess
+from diffmix.seg.postproc import postprocess, prior_adjusted
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
@@ -320,21 +320,26 @@ def segment_image(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     keep_unmarked: bool = False,
+    type_prior: Sequence[float] | None = None,
+    logit_adjust: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
     """Stitched maps, then the model's post-processing: (inst_map, type_map, inst_info).
 
     HoVer-style nets: `predict_image` + `postproc.postprocess`; SONNET (`post_processing`
     "sonnet"): `predict_maps` + `diffmix.seg.sonnet.postproc.postprocess_sonnet`.
+    `logit_adjust` tau > 0 with the training mix's `type_prior` (per-class pixel fractions)
+    re-weights the type probabilities before the vote (`postproc.prior_adjusted`).
     """
+    if logit_adjust and type_prior is None:
+        raise ConfigError("logit adjustment needs the training type prior")
+    maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
+    if logit_adjust:
+        maps["tp"] = prior_adjusted(maps["tp"], list(type_prior or []), logit_adjust)
     if getattr(model, "post_processing", "hovernet") == "sonnet":
         from diffmix.seg.sonnet.postproc import postprocess_sonnet
 
-        maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
         return postprocess_sonnet(maps["np"], maps["ord"], maps["tp"], keep_unmarked=keep_unmarked)
-    np_prob, hv, tp_prob = predict_image(
-        model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device
-    )
-    return postprocess(np_prob, hv, tp_prob, keep_unmarked=keep_unmarked)
+    return postprocess(maps["np"], maps["hv"], maps["tp"], keep_unmarked=keep_unmarked)
 
 
 def overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:

@@ -219,6 +219,34 @@ def instance_types(
     return type_map, info
 
 
+def prior_adjusted(tp_prob: np.ndarray, prior: np.ndarray | list[float], tau: float = 1.0) -> np.ndarray:
+    """Type probabilities (C, H, W) with post-hoc logit adjustment (Menon et al., "Long-tail
+    learning via logit adjustment", ICLR 2021) among the nucleus classes.
+
+    A network trained on a mix where a class covers 0.2% of the pixels learns that prior, and
+    the per-pixel argmax, hence the instance vote, almost never picks it. Dividing p_c by
+    prior_c ** tau (subtracting tau * log prior_c from the logits) turns the argmax into the
+    Bayes rule for a class-balanced error. Only channels 1..C-1 are adjusted and renormalised to
+    their original sum, so "nucleus or background" is decided as before and only "which
+    class" changes. prior: (C,) training pixel fractions (channel 0 = background, unused);
+    a class with prior 0 was never a target and is left out (probability 0).
+    """
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (tp_prob.shape[0],):
+        raise DataError(f"type prior has {prior.size} entries for {tp_prob.shape[0]} tp channels")
+    if tau == 0:
+        return tp_prob
+    scale = np.zeros_like(prior)
+    present = prior[1:] > 0
+    scale[1:][present] = prior[1:][present] ** -float(tau)
+    classes = tp_prob[1:].astype(np.float64) * scale[1:, None, None]
+    total = classes.sum(0)
+    mass = tp_prob[1:].sum(0)
+    out = tp_prob.astype(np.float32, copy=True)
+    out[1:] = np.divide(classes * mass, total, out=np.zeros_like(classes), where=total > 0)
+    return out
+
+
 def postprocess(
     np_prob: np.ndarray, hv: np.ndarray, tp: np.ndarray, *, keep_unmarked: bool = False
 ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
