@@ -1,13 +1,18 @@
 """Run some stages of the consep-cpu experiment in this process (several processes share the
 run folder, each on disjoint stages: 1-thread processes use 2 cores better than one 2-thread one).
-Usage: stage.py OUT synth KIND | seg ARM [ARM...] | utility"""
+Usage: consep_stages.py [--preset NAME] OUT synth KIND | seg ARM [ARM...] | utility
+(preset: consep-cpu unless given)."""
 import sys
 import diffmix.runs as runs
 runs.remove_temporaries = lambda *a, **k: None  # another process may be writing in this folder
 from diffmix.pipeline.experiment import Experiment, fold_splits, load_experiment_config
 
-out, what, *args = sys.argv[1:]
-exp = Experiment(load_experiment_config("consep-cpu"), out, progress=False)
+argv = sys.argv[1:]
+preset = "consep-cpu"
+if argv[:1] == ["--preset"]:
+    preset, argv = argv[1], argv[2:]
+out, what, *args = argv
+exp = Experiment(load_experiment_config(preset), out, progress=False)
 train, _ = exp.datasets()
 if what == "synth":
     for kind in args:

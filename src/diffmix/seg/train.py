@@ -38,19 +38,21 @@ official configuration validates on the test set); the returned checkpoint is th
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset
 from diffmix.errors import ConfigError
-from diffmix.seg.data import PatchItems, Source, check_schemes, epoch_loader
+from diffmix.seg.data import PatchItems, Source, check_schemes, epoch_loader, mix_plan
 from diffmix.seg.loss import LossConfig, hover_loss
 from diffmix.seg.models import HOVERNET_SIZES, SegModelConfig, build_segmenter
-from diffmix.seg.sonnet.loss import SonnetLossConfig, sonnet_loss
+from diffmix.seg.sonnet.loss import SonnetLossConfig, class_weights, sonnet_loss
 
 FINAL_NAME = "final.safetensors"
 LOG_NAME = "log.jsonl"
@@ -232,20 +234,27 @@ def resolve_config(
     return build_config(SegTrainConfig, "seg", preset, {**rest, "phases": phases}, drop_none=drop_none)
 
 
-def training_class_weights(sources: Sequence[Source], num_classes: int, seed: int) -> tuple[list[float], list[float]]:
-    """(np_weights, type_weights) by SONNET's rule from the pixel counts of the training mix
-    (every planned sample once, synthetic sources included), notes 4 / D4."""
-    from collections import Counter
-
-    import numpy as np
-
-    from diffmix.seg.data import mix_plan
-    from diffmix.seg.sonnet.loss import class_weights
-
+def mix_pixel_counts(sources: Sequence[Source], num_classes: int, seed: int) -> np.ndarray:
+    """Pixels of each type id 0..K (0 = background) in the training mix, every planned sample
+    once (synthetic sources included, with their counts)."""
     counts = np.zeros(num_classes + 1, dtype=np.int64)
     for (si, i), times in sorted(Counter(mix_plan(sources, seed)).items()):
         types = sources[si].dataset.samples[i].type_map
         counts += times * np.bincount(types.ravel(), minlength=num_classes + 1)[: num_classes + 1]
+    return counts
+
+
+def mix_type_prior(sources: Sequence[Source], num_classes: int, seed: int) -> list[float]:
+    """Pixel fraction of each type id 0..K in the training mix: the prior a network trained on
+    it learns, which logit adjustment divides out (`diffmix.seg.postproc.prior_adjusted`)."""
+    counts = mix_pixel_counts(sources, num_classes, seed)
+    return [float(c) / float(counts.sum()) for c in counts]
+
+
+def training_class_weights(sources: Sequence[Source], num_classes: int, seed: int) -> tuple[list[float], list[float]]:
+    """(np_weights, type_weights) by SONNET's rule from the pixel counts of the training mix
+    (every planned sample once, synthetic sources included), notes 4 / D4."""
+    counts = mix_pixel_counts(sources, num_classes, seed)
     return class_weights([counts[0], counts[1:].sum()]), class_weights(counts)
 
 
