@@ -1,6 +1,6 @@
 """Benchmark: the DiffMix sampler against a plain reference sampler, measured in the same run.
 
-Issue 5 acceptance: our sampler (`diffmix_sample` on a `UNetModel`: shared encoder, cheap
+Issue 5 acceptance: our sampler (`diffmix_sample` on a `UNetModel`, through its `conditioned`: shared encoder, cheap
 null-label SPADEs, label modulations reused across steps, SDPA attention) must reach >= 1.5x
 the patches/s of a reference written here the way the official code runs (two forward passes per step, legacy einsum QKV
 attention, fp32) on CPU with a small config, with outputs equal to 1e-4. Both use the same
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample
+from diffmix.sdm.settings import SamplerSettings
 from diffmix.sdm.unet import AttentionBlock, UNetConfig, UNetModel
 
 
@@ -137,7 +138,7 @@ def cpu_benchmark(args) -> dict:
     ref = reference_model(model)
     y0, cond, noise = inputs(args.patches, args.size, config.label_nc, args.seed)
     frac = args.start_fraction
-    kw = dict(steps=args.steps, start_fraction=str(frac), guidance_scale=1.5, noise=noise)
+    kw = dict(settings=SamplerSettings(steps=args.steps, start_fraction=str(frac), guidance_scale=1.5), noise=noise)
     variants = {
         # what we ship: encoder shared by the cond/null pair, null SPADEs from a 3x3 evaluation,
         # label-map SPADE modulations computed at the first step and reused
@@ -199,7 +200,7 @@ def cuda_benchmark(args) -> dict:
 
     def run():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            out = diffmix_sample(model, y0, cond, steps=100, start_fraction=frac, guidance_scale=1.5, noise=noise)
+            out = diffmix_sample(model, y0, cond, SamplerSettings(steps=100, start_fraction=frac), noise=noise)
         torch.cuda.synchronize()
         return out
 
@@ -224,14 +225,14 @@ def conditioning(args) -> dict:
     from diffmix.data.patches import crop
     from diffmix.maps.conditioning import condition_batch
     from diffmix.sdm.data import stack_samples
-    from diffmix.sdm.sampler import load_sampling_model
+    from diffmix.sdm.convert import load_unet
 
     data = read_dataset(args.maps)
     rng = np.random.default_rng(args.seed)
     results: dict = {}
     y0s = maps = None
     for weights in ("ema", "model"):
-        model, _ = load_sampling_model(args.conditioning, "cpu", weights)
+        model, _ = load_unet(args.conditioning, "cpu", weights)
         size = model.config.image_size
         if y0s is None:  # the same patches for both weights
             y0s, maps = [], []
@@ -247,7 +248,7 @@ def conditioning(args) -> dict:
         cond = condition_batch(new_inst, new_type, data.scheme.num_classes)
         noise = torch.randn(image.shape, generator=torch.Generator().manual_seed(args.seed))
         with torch.no_grad():
-            out = diffmix_sample(model, image, cond, steps=100, start_fraction="0.55", guidance_scale=1.5, noise=noise)
+            out = diffmix_sample(model, image, cond, noise=noise)  # the official settings
         lum_w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         lum, lum_y0 = (out * lum_w).sum(1), (image * lum_w).sum(1)
         new, old = new_inst > 0, old_inst > 0

@@ -12,6 +12,7 @@ import torch
 from diffmix.errors import ConfigError
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample, start_index, to_uint8
+from diffmix.sdm.settings import SamplerSettings
 
 DIFF = GaussianDiffusion.linear()
 
@@ -58,10 +59,10 @@ def test_oracle_returns_y0(scale):
     gen = torch.Generator().manual_seed(0)
     y0 = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64) * 1.8 - 0.9
     cond = torch.rand(2, 6, 16, 16, generator=gen, dtype=torch.float64)
-    out = diffmix_sample(_oracle(y0), y0, cond, guidance_scale=scale, generator=gen)
+    out = diffmix_sample(_oracle(y0), y0, cond, SamplerSettings(guidance_scale=scale), generator=gen)
     assert out.dtype == torch.float64 and out.shape == y0.shape
     assert torch.allclose(out, y0, atol=1e-12)
-    out32 = diffmix_sample(_oracle(y0.float()), y0.float(), cond.float(), start_fraction="1", generator=gen)
+    out32 = diffmix_sample(_oracle(y0.float()), y0.float(), cond.float(), SamplerSettings(start_fraction="1"), generator=gen)
     assert torch.allclose(out32, y0.float(), atol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_batched_cfg_calls_and_start_noise():
     assert torch.equal(x[:b], x[b:])
 
     calls.clear()
-    diffmix_sample(model, y0, cond, noise=noise, guidance_scale=1.0)
+    diffmix_sample(model, y0, cond, SamplerSettings(guidance_scale=1.0), noise=noise)
     assert len(calls) == 55 and calls[0][0].shape[0] == b and torch.equal(calls[0][2], cond)
 
 
@@ -133,9 +134,9 @@ def test_matches_two_pass_reference(eta):
     cond = (torch.rand(2, 5, 8, 8, generator=gen) > 0.5).float()
     noise = torch.randn(y0.shape, generator=gen)
     with torch.no_grad():
-        ours = diffmix_sample(model, y0, cond, noise=noise, eta=eta, generator=torch.Generator().manual_seed(3))
+        ours = diffmix_sample(model, y0, cond, SamplerSettings(eta=eta), noise=noise, generator=torch.Generator().manual_seed(3))
         ref = _reference(model, y0, cond, noise, 1.5, eta, torch.Generator().manual_seed(3))
-        plain = diffmix_sample(model, y0, cond, noise=noise, eta=eta, guidance_scale=1.0,
+        plain = diffmix_sample(model, y0, cond, SamplerSettings(eta=eta, guidance_scale=1.0), noise=noise,
                                generator=torch.Generator().manual_seed(3))
     assert torch.allclose(ours, ref, atol=1e-5)
     assert not torch.allclose(ours, plain, atol=1e-3)  # guidance changes the result
@@ -147,9 +148,10 @@ def test_same_seed_same_bytes():
     y0 = torch.zeros(1, 3, 8, 8)
     cond = torch.ones(1, 5, 8, 8)
     with torch.no_grad():
-        a = diffmix_sample(model, y0, cond, eta=1.0, generator=torch.Generator().manual_seed(5))
-        b = diffmix_sample(model, y0, cond, eta=1.0, generator=torch.Generator().manual_seed(5))
-        c = diffmix_sample(model, y0, cond, eta=1.0, generator=torch.Generator().manual_seed(6))
+        noisy = SamplerSettings(eta=1.0)
+        a = diffmix_sample(model, y0, cond, noisy, generator=torch.Generator().manual_seed(5))
+        b = diffmix_sample(model, y0, cond, noisy, generator=torch.Generator().manual_seed(5))
+        c = diffmix_sample(model, y0, cond, noisy, generator=torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -198,10 +200,10 @@ def test_unet_fast_path_equals_plain_two_pass(scale, label_cache):
     cond = torch.cat([torch.nn.functional.one_hot(cls, 4).permute(0, 3, 1, 2).float(),
                       (torch.rand(2, 1, 16, 16, generator=gen) > 0.8).float()], 1)
     noise = torch.randn(y0.shape, generator=gen)
-    kw = dict(steps=100, start_fraction="0.04", guidance_scale=scale, noise=noise)
+    kw = dict(settings=SamplerSettings(steps=100, start_fraction="0.04", guidance_scale=scale), noise=noise)
     calls = []
 
-    def plain(x, t, y):  # the generic path: not a UNetModel, so one plain forward per step
+    def plain(x, t, y):  # the generic path: no `conditioned` of its own, so one plain forward per step
         calls.append(x.shape[0])
         return model(x, t, y)
 
@@ -214,7 +216,7 @@ def test_unet_fast_path_equals_plain_two_pass(scale, label_cache):
 
 
 def test_label_cache_follows_budget(monkeypatch):
-    import diffmix.sdm.sampler as sampler_mod
+    import diffmix.sdm.unet as unet_mod
     from diffmix.sdm.unet import SPADELabels
 
     made = []
@@ -224,16 +226,16 @@ def test_label_cache_follows_budget(monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    assert sampler_mod.label_cache_budget(torch.device("cpu")) == 2 * 2**30
-    monkeypatch.setattr(sampler_mod, "SPADELabels", Spy)
+    assert unet_mod.label_cache_budget(torch.device("cpu")) == 2 * 2**30
+    monkeypatch.setattr(unet_mod, "SPADELabels", Spy)
     model = _unet(1)
     y0, cond = torch.zeros(1, 3, 16, 16), torch.ones(1, 5, 16, 16)
     need = model.label_cache_bytes(1, 16, 16)
-    kw = dict(steps=100, start_fraction="0.02", noise=torch.zeros_like(y0))
+    kw = dict(settings=SamplerSettings(steps=100, start_fraction="0.02"), noise=torch.zeros_like(y0))
     with torch.no_grad():
-        monkeypatch.setattr(sampler_mod, "label_cache_budget", lambda device: need)
+        monkeypatch.setattr(unet_mod, "label_cache_budget", lambda device: need)
         a = diffmix_sample(model, y0, cond, **kw)
-        monkeypatch.setattr(sampler_mod, "label_cache_budget", lambda device: need - 1)
+        monkeypatch.setattr(unet_mod, "label_cache_budget", lambda device: need - 1)
         b = diffmix_sample(model, y0, cond, **kw)
         c = diffmix_sample(model, y0, cond, label_cache=True, **kw)
     assert [(m.store, m.null) for m in made] == [(True, True), (False, True), (True, True)]

@@ -176,7 +176,9 @@ def test_sample_grid_layout():
     inst = torch.zeros(2, 16, 16, dtype=torch.int32)
     inst[1, 4:8, 4:8] = 1
     types = (inst > 0).long() * 2
-    grid = sample_grid([model, model], y0, inst, types, 4, steps=10, start_fraction="0.5", guidance_scale=1.5,
+    from diffmix.sdm.settings import SamplerSettings
+
+    grid = sample_grid([model, model], y0, inst, types, 4, settings=SamplerSettings(steps=10, start_fraction="0.5"),
                        seed=0, diffusion=GaussianDiffusion.linear())
     scale = 128 // 16
     assert grid.dtype == np.uint8
@@ -327,14 +329,21 @@ def test_sample_command_writes_dataset_with_the_maps(toy, tmp_path, one_thread):
         # per-patch noise: the batch size changes nothing beyond float rounding
         assert np.abs(sa.image.astype(int) - sb.image.astype(int)).max() <= 1
     provenance = json.loads((tmp_path / "a" / "dataset.json").read_text())["provenance"]
-    assert provenance["start_t"] == 400 and provenance["weights"] == "auto"  # ddim10: index 4 -> t 400
+    assert provenance["generator"] == "diffmix sdm sample" and provenance["maps"] == ["own"]
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert [r["name"] for r in manifest["patches"]] == data.names
+    assert manifest["patches"][0]["sampler"] == {"steps": 10, "start_fraction": "0.55", "guidance_scale": 1.5,
+                                                 "eta": 0.0, "weights": "auto"}
     # the raw weights give a different (but equally labelled) dataset
     main(args + ["--out", str(tmp_path / "raw"), "--weights", "model"])
     raw = read_dataset(tmp_path / "raw")
     assert any(not np.array_equal(x.image, y.image) for x, y in zip(raw, a))
-    # an existing output folder is refused before any work
+    # a finished folder re-run resumes (nothing to do); other settings on it are refused
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a" / "Images").iterdir()}
+    main(args + ["--out", str(tmp_path / "a")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a" / "Images").iterdir()} == before
     with pytest.raises(SystemExit) as exc:
-        main(args + ["--out", str(tmp_path / "a")])
+        main(args[:-1] + ["5", "--out", str(tmp_path / "a")])
     assert exc.value.code == 2
     # maps with another number of classes do not fit the model's label channels
     from diffmix.data.io import write_dataset
@@ -360,10 +369,10 @@ def test_import_command_then_sample(toy, tmp_path, one_thread):
     torch.save(model.state_dict(), tmp_path / "official.pt")
     main(["sdm", "import", str(tmp_path / "official.pt"), str(tmp_path / "imported.safetensors"),
           "--image-size", "16", "--num-head-channels", "32"])
-    from diffmix.sdm.sampler import load_sampling_model
+    from diffmix.sdm.convert import load_sdm
 
-    loaded, label_nc = load_sampling_model(tmp_path / "imported.safetensors")
-    assert label_nc == 6
+    loaded, diffusion = load_sdm(tmp_path / "imported.safetensors")
+    assert loaded.config.label_nc == 6 and diffusion.num_timesteps == 1000  # no training config: spec 3's T
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
     main(["sdm", "sample", str(tmp_path / "imported.safetensors"), "--maps", str(toy), "--out", str(tmp_path / "s"),

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from diffmix.data.toy import generate_toy_samples
 from diffmix.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from diffmix.maps.balance import balance_dataset
 from diffmix.runs import save_checkpoint
+from diffmix.sdm.settings import SamplerSettings
 from diffmix.sdm.unet import UNetConfig, build_unet
 from diffmix.maps.enlarge import enlarge_dataset
 from diffmix.synth import MANIFEST, RECORDS_DIR, _Labels, patch_seed, plan_jobs, synthesize
@@ -37,7 +39,9 @@ TOY = dict(n_images=2, size=96, seed=1, rare_fraction=0.15, density=12.0)
 BALANCE = {"border": 4}
 ENLARGE = {"frame": 0, "shift_range": [-3, 2], "keep_prob": 0.5}
 # a few DDIM steps on 32-px patches keep every run to seconds on 2 shared cores
-FAST = dict(patch=32, stride=32, steps=4, start_fraction="0.5", guidance_scale=1.5, progress=False)
+FAST_SAMPLER = SamplerSettings(steps=4, start_fraction="0.5", guidance_scale=1.5)
+FAST = dict(patch=32, stride=32, sampler=FAST_SAMPLER, progress=False)
+UNGUIDED = {**FAST, "sampler": replace(FAST_SAMPLER, guidance_scale=1.0)}
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +149,7 @@ def test_plan_jobs_grid_names_and_spread(toy_dir):
 def test_enlarge_maps_are_those_of_enlarge_dataset(toy_dir):
     """Synthesis makes enlarging maps patch by patch; they must equal the whole-grid function's."""
     ds = read_dataset(toy_dir)
-    labels = _Labels(ds, ["enlarge"], 32, 32, 3, {}, ENLARGE)
+    labels = _Labels(ds, ["enlarge"], 3, {}, ENLARGE)
     ref = enlarge_dataset(ds.samples, patch=32, stride=32, seed=3, **ENLARGE)
     jobs = plan_jobs(ds, "enlarge", patch=32, stride=32, seed=3)
     assert [j.name for j in jobs] == [r.name for r in ref]
@@ -167,8 +171,9 @@ def test_y0_is_the_original_patch(toy_dir, zero_ckpt, tmp_path):
     """With eps = 0 and a start at t = 0 the sampler returns y0 + 0.01 noise: the original crop."""
     ds = read_dataset(toy_dir)
     out = tmp_path / "near"
-    synthesize(ds, zero_ckpt, out, maps="balance", patch=32, stride=32, steps=10, start_fraction="0.1",
-               guidance_scale=1.5, batch_size=5, balance_kwargs=BALANCE, progress=False)
+    synthesize(ds, zero_ckpt, out, maps="balance", patch=32, stride=32,
+               sampler=SamplerSettings(steps=10, start_fraction="0.1"), batch_size=5, balance_kwargs=BALANCE,
+               progress=False)
     synth = read_dataset(out)
     assert len(synth) == 18
     for s in synth:
@@ -179,8 +184,9 @@ def test_y0_is_the_original_patch(toy_dir, zero_ckpt, tmp_path):
         assert diff.max() <= 8 and diff.mean() < 1.5, s.name
     # from t = 540 the same net returns clip(y0 + 4.3 noise): far from the original
     far = tmp_path / "far"
-    synthesize(ds, zero_ckpt, far, maps="balance", patch=32, stride=32, steps=10, start_fraction="0.55",
-               guidance_scale=1.0, batch_size=2, max_patches=2, balance_kwargs=BALANCE, progress=False)
+    synthesize(ds, zero_ckpt, far, maps="balance", patch=32, stride=32,
+               sampler=SamplerSettings(steps=10, start_fraction="0.55", guidance_scale=1.0), batch_size=2,
+               max_patches=2, balance_kwargs=BALANCE, progress=False)
     s = read_dataset(far).by_name("toy_001_000")
     assert np.abs(s.image.astype(int) - ds.by_name("toy_001").image[:32, :32].astype(int)).mean() > 40
 
@@ -191,7 +197,7 @@ def test_balance_labels_counts_and_manifest(toy_dir, random_ckpt, tmp_path):
     assert report.accepted_swaps >= 1
     out = tmp_path / "bal"
     rep = synthesize(toy_dir, random_ckpt, out, maps="balance", seed=7, batch_size=18,
-                     balance_kwargs=BALANCE, **{**FAST, "guidance_scale": 1.0})
+                     balance_kwargs=BALANCE, **UNGUIDED)
     assert rep.n_patches == rep.n_written == 18 and rep.n_skipped == 0
     assert rep.patches_per_second > 0
     assert rep.map_reports["balance"]["accepted_swaps"] == report.accepted_swaps
@@ -229,7 +235,7 @@ def test_balance_labels_counts_and_manifest(toy_dir, random_ckpt, tmp_path):
     # a finished folder re-run does nothing and keeps its files
     files = _files(out)
     again = synthesize(toy_dir, random_ckpt, out, maps="balance", seed=7, batch_size=3,
-                       balance_kwargs=BALANCE, **{**FAST, "guidance_scale": 1.0})
+                       balance_kwargs=BALANCE, **UNGUIDED)
     assert again.n_written == 0 and again.n_skipped == 18
     assert again.class_counts_after == rep.class_counts_after
     assert _files(out) == files
@@ -384,8 +390,8 @@ def test_real_patches_from_shared_data(shared_data, random_ckpt, tmp_path):
     """Real CoNSeP-layout H&E (raw classes merged once by the reader) through both map kinds."""
     ds = read_dataset(shared_data / "real_he_labeled", "consep")
     out = tmp_path / "real"
-    rep = synthesize(ds, random_ckpt, out, maps="both", patch=64, stride=96, steps=2, start_fraction="0.5",
-                     guidance_scale=1.5, batch_size=4, max_patches=2, seed=1,
+    rep = synthesize(ds, random_ckpt, out, maps="both", patch=64, stride=96,
+                     sampler=SamplerSettings(steps=2, start_fraction="0.5"), batch_size=4, max_patches=2, seed=1,
                      enlarge_kwargs={"frame": 8, "shift_range": [-4, 3]}, progress=False)
     assert rep.n_patches == 4 and rep.n_written == 4
     assert rep.dataset_class_counts == ds.class_counts()
@@ -403,10 +409,11 @@ def test_real_patches_from_shared_data(shared_data, random_ckpt, tmp_path):
 def test_patch_results_do_not_depend_on_batching(toy_dir, random_ckpt, tmp_path):
     """Per-patch generators: eta = 0 batches differ at most by float rounding of batched convs;
     eta > 0 (step noise too) runs patches alone, so any batch size gives the same bytes."""
-    common = dict(maps="balance", seed=9, max_patches=3, balance_kwargs=BALANCE, **FAST)
+    common = dict(maps="balance", seed=9, max_patches=3, balance_kwargs=BALANCE, **{**FAST, "sampler": None})
     runs = {}
     for name, eta, bs in (("b3", 0.0, 3), ("b1", 0.0, 1), ("eta_b3", 0.5, 3), ("eta_b1", 0.5, 1)):
-        synthesize(toy_dir, random_ckpt, tmp_path / name, eta=eta, batch_size=bs, **common)
+        synthesize(toy_dir, random_ckpt, tmp_path / name, batch_size=bs,
+                   **{**common, "sampler": replace(FAST_SAMPLER, eta=eta)})
         runs[name] = {s.name: s.image.astype(int) for s in read_dataset(tmp_path / name)}
     assert sorted(runs["b3"]) == sorted(runs["b1"]) and len(runs["b3"]) == 3
     for n in runs["b3"]:

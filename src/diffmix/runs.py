@@ -13,6 +13,7 @@ one. So a checkpoint holds only RNG state that is itself such a function (see `r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -321,6 +322,19 @@ def load_state_strict(module: torch.nn.Module, state: Any, where: str, what: str
     except (RuntimeError, ValueError, KeyError) as exc:  # e.g. dtypes; names and shapes fit
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise CheckpointError(f"{where}: weights do not fit {what}: {first[:300]}") from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file (a checkpoint's identity in run configs and provenance), read in
+    4 MiB chunks; CheckpointError when it does not exist."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                digest.update(block)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    return digest.hexdigest()
 
 
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:

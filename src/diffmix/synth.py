@@ -3,18 +3,24 @@
 The DiffMix data path of paper section 2.3 and spec 4-6, as one resumable, batched command:
 
 1. label maps: balancing maps (spec 6a) are made on the full-size images, then cut on the
-   patch grid; enlarging maps (spec 6b) are made per grid patch of the original labels;
+   patch grid; enlarging maps (spec 6b) are made per grid patch of the original labels; the
+   "own" kind keeps each image's own labels (`diffmix sdm sample` is this path with "own" maps
+   and whole images);
 2. patches on the spec 5 grid (256 px at stride 76 by default; any size/stride works, and the
-   SDM may have been trained on smaller crops, since the U-Net is fully convolutional);
+   SDM may have been trained on smaller crops, since the U-Net is fully convolutional), or
+   whole images (`patch=None`, one job per image, named after it);
 3. y0 = the ORIGINAL image patch at the same offset (spec 4: the noise start is the real
    patch, not the label-edited one);
-4. the DiffMix sampler (partial DDIM from `start_fraction`, classifier-free guidance);
+4. the DiffMix sampler (`diffmix.sdm.sampler`: partial start, classifier-free guidance, the
+   solver and schedule of a `SamplerSettings`) on the checkpoint's own diffusion schedule;
 5. a dataset folder in the foundation format: `Images/NAME.png` (synthesised), `Labels/NAME.mat`
-   (the custom maps, ids remapped 1..N per patch), `dataset.json`, and `manifest.json`
-   (per patch: source image, offset, map kind, seed, sampler settings, checkpoint sha256).
+   (the custom maps, ids remapped 1..N per grid patch; whole images keep theirs), `dataset.json`,
+   and `manifest.json` (per patch: source image, offset, map kind, seed, sampler settings,
+   checkpoint sha256).
 
 Reproducibility and resumption. Each patch's initial noise comes from its own generator
-seeded by (seed, source image name, patch index, map kind), so which batch, process or run
+seeded by `patch_seed(seed, source image name, patch index, map kind)` (the one noise-seeding
+rule of synthesis), so which batch, process or run
 computes a patch does not change its noise. Batches are fixed chunks of each rank's patch
 list; a chunk with any patch missing is recomputed whole (same composition, hence the same
 float arithmetic), and only its missing patches are written. So a run killed at any point
@@ -44,10 +50,14 @@ from diffmix.data.patches import crop, grid_offsets, patch_name
 from diffmix.data.sample import NucleiSample, compact_ids, remap_ids
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import CheckpointError, ConfigError, DataError
-from diffmix.runs import JsonlLog, atomic_write_text, prepare_run_folder, write_json
+from diffmix.runs import JsonlLog, atomic_write_text, file_sha256, prepare_run_folder, write_json
+from diffmix.sdm.convert import check_weights, load_sdm
+from diffmix.sdm.data import image_to_tensor
+from diffmix.sdm.settings import DEFAULTS, SamplerSettings
 
-MapsChoice = Literal["balance", "enlarge", "both"]
-MAP_KINDS: tuple[str, ...] = ("balance", "enlarge")
+MapsChoice = Literal["balance", "enlarge", "both", "own"]
+MAP_KINDS: tuple[str, ...] = ("balance", "enlarge")  # what "both" means
+OWN = "own"  # each image's own labels: re-synthesis of the original (`diffmix sdm sample`)
 MANIFEST = "manifest.json"
 RECORDS_DIR = "manifest.d"  # per-patch records of an unfinished run, merged into MANIFEST
 FORMAT = "diffmix-synth-manifest"
@@ -55,13 +65,12 @@ FORMAT_VERSION = 1
 
 __all__ = [
     "MAP_KINDS",
+    "OWN",
     "PatchJob",
     "SynthReport",
     "patch_seed",
-    "file_sha256",
     "dataset_fingerprint",
     "plan_jobs",
-    "load_sdm",
     "synthesize",
     "read_manifest",
 ]
@@ -79,8 +88,10 @@ class PatchJob:
     image_index: int  # index of the source image in the dataset
     patch_index: int  # row-major grid index (spec 5: patch_idx = row * ncols + col)
     offset: tuple[int, int]  # top-left (y, x) in the source image
-    kind: str  # "balance" or "enlarge"
+    kind: str  # "balance", "enlarge" or "own"
     seed: int  # seed of this patch's torch.Generator (initial noise, and eta > 0 step noise)
+    size: tuple[int, int]  # (height, width): the grid's patch, or a whole image
+    whole: bool = False  # a whole image (patch=None): nothing is cut, labels keep their ids
 
 
 def patch_seed(seed: int, source: str, patch_index: int, kind: str) -> int:
@@ -97,15 +108,15 @@ def patch_seed(seed: int, source: str, patch_index: int, kind: str) -> int:
 def _maps_list(maps: str) -> list[str]:
     if maps == "both":
         return list(MAP_KINDS)
-    if maps in MAP_KINDS:
+    if maps in MAP_KINDS or maps == OWN:
         return [maps]
-    raise ConfigError(f"--maps must be one of balance, enlarge, both; got {maps!r}")
+    raise ConfigError(f"--maps must be one of balance, enlarge, both, own; got {maps!r}")
 
 
-def _job_name(source: str, index: int, kind: str, both: bool) -> str:
-    # spec 4: `<image basename>_<patch_idx:03d>`; with both map kinds in one folder the kind is
-    # appended so the B and E patch of one grid position do not collide.
-    base = patch_name(source, index)
+def _job_name(source: str, index: int | None, kind: str, both: bool) -> str:
+    # spec 4: `<image basename>_<patch_idx:03d>` (a whole image keeps its name); with both map
+    # kinds in one folder the kind is appended so the B and E patch of one position do not collide.
+    base = source if index is None else patch_name(source, index)
     return f"{base}_{kind}" if both else base
 
 
@@ -123,13 +134,14 @@ def plan_jobs(
     dataset: Dataset,
     maps: MapsChoice,
     *,
-    patch: int = 256,
+    patch: int | None = 256,
     stride: int = 76,
     seed: int = 0,
     max_patches: int | None = None,
 ) -> list[PatchJob]:
     """Every patch of a synthesis run, in a fixed order: map kind, image, grid index.
 
+    `patch=None` makes one job per whole image (patch index 0, named after the image).
     `max_patches` keeps that many patches per map kind, spread evenly over the plan (so a
     small run still draws from every image), instead of the whole grid.
     """
@@ -139,16 +151,19 @@ def plan_jobs(
         per_kind: list[PatchJob] = []
         for i, sample in enumerate(dataset.samples):
             h, w = sample.shape
-            for k, (y, x) in enumerate(grid_offsets(h, w, patch, stride)):
+            cells = [(0, 0)] if patch is None else grid_offsets(h, w, patch, stride)
+            for k, (y, x) in enumerate(cells):
                 per_kind.append(
                     PatchJob(
-                        name=_job_name(sample.name, k, kind, len(kinds) > 1),
+                        name=_job_name(sample.name, None if patch is None else k, kind, len(kinds) > 1),
                         source=sample.name,
                         image_index=i,
                         patch_index=k,
                         offset=(y, x),
                         kind=kind,
                         seed=patch_seed(seed, sample.name, k, kind),
+                        size=(h, w) if patch is None else (patch, patch),
+                        whole=patch is None,
                     )
                 )
         jobs.extend(per_kind[j] for j in _spread(len(per_kind), max_patches))
@@ -213,14 +228,11 @@ class _Labels:
         self,
         dataset: Dataset,
         kinds: Sequence[str],
-        patch: int,
-        stride: int,
         seed: int,
         balance_kwargs: Mapping[str, Any],
         enlarge_kwargs: Mapping[str, Any],
     ) -> None:
         self.dataset = dataset
-        self.patch = patch
         self.reports: dict[str, dict] = {}
         self.seed = seed
         self.enlarge_kwargs = dict(enlarge_kwargs)
@@ -231,19 +243,25 @@ class _Labels:
             self.reports["enlarge"] = {"params": {"seed": seed, **self.enlarge_kwargs}}
 
     def original(self, job: PatchJob) -> NucleiSample:
+        src = self.dataset.samples[job.image_index]
+        if job.whole:
+            return NucleiSample(src.image, src.inst_map, src.type_map, job.name, src.num_classes)
         y, x = job.offset
-        return crop(self.dataset.samples[job.image_index], y, x, self.patch, job.name)
+        return crop(src, y, x, job.size[0], job.name)
 
     def custom(self, job: PatchJob) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-        """(inst_map, type_map) int32 of the job's conditioning map, ids remapped 1..N, and a
-        few numbers about the edit for the manifest."""
+        """(inst_map, type_map) int32 of the job's conditioning map, ids remapped 1..N (a
+        whole image keeps its ids), and a few numbers about the edit for the manifest."""
         y, x = job.offset
-        sl = (slice(y, y + self.patch), slice(x, x + self.patch))
+        sl = (slice(y, y + job.size[0]), slice(x, x + job.size[1]))
         info: dict[str, int] = {}
         if job.kind == "balance":
             assert self.balanced is not None
             full = self.balanced[job.image_index]
             inst, types = full.inst_map[sl], full.type_map[sl]
+        elif job.kind == OWN:
+            src = self.dataset.samples[job.image_index]
+            inst, types = src.inst_map[sl], src.type_map[sl]
         else:
             # spec 6b per grid patch of the original labels. The stream is the one
             # `enlarge_dataset` documents, default_rng([seed, image index, patch index]), made
@@ -260,10 +278,13 @@ class _Labels:
                 "moved": sum(1 for d in shifts.values() if tuple(d) != (0, 0)),
                 "kept_in_place": len(edit.get("kept_in_place", [])),
             }
-        if inst.shape != (self.patch, self.patch):
-            raise DataError(f"{job.name}: {job.kind} label map has shape {inst.shape}, expected {self.patch}^2")
+        if inst.shape != job.size:
+            raise DataError(f"{job.name}: {job.kind} label map has shape {inst.shape}, expected {job.size}")
+        types = np.ascontiguousarray(types, dtype=np.int32)
+        if job.whole:  # nothing was cut: the labels are the image's, ids and all
+            return np.ascontiguousarray(inst, dtype=np.int32), types, info
         # spec 4: the saved labels are the conditioning maps with ids remapped per patch
-        return remap_ids(inst), np.ascontiguousarray(types, dtype=np.int32), info
+        return remap_ids(inst), types, info
 
 
 def _class_counts(inst_map: np.ndarray, type_map: np.ndarray, class_ids: Sequence[int]) -> dict[int, int]:
@@ -287,18 +308,6 @@ def _add(total: dict[int, int], counts: Mapping[Any, int]) -> None:
 # --------------------------------------------------------------------------- model
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    return h.hexdigest()
-
-
 def dataset_fingerprint(dataset: Dataset) -> str:
     """Hex SHA-256 over every sample's name, image and label arrays (in dataset order).
 
@@ -311,35 +320,6 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         for arr in (s.image, s.inst_map, s.type_map):
             h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
-
-
-def load_sdm(
-    ckpt: str | Path, device: str | torch.device = "cpu", weights: Literal["auto", "ema", "model"] = "auto"
-) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """(U-Net in eval mode, full diffusion schedule, checkpoint meta) for sampling.
-
-    Reads diffmix safetensors checkpoints through `diffmix.sdm.convert.load_unet`: those of
-    `diffmix sdm train` (EMA weights preferred, spec 3) and authors' `.pt` files converted by
-    `diffmix sdm import`. The schedule length is the training run's `diffusion_steps` when
-    its metadata says so, else the official T = 1000 (linear betas).
-    """
-    from diffmix.sdm.convert import load_unet
-    from diffmix.sdm.diffusion import GaussianDiffusion
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix.lower() in (".pt", ".pth"):
-        raise CheckpointError(
-            f"{path}: a torch .pt checkpoint; convert it once with `diffmix sdm import {path} OUT.safetensors` "
-            "and synthesise from OUT.safetensors"
-        )
-    model, _ = load_unet(path, device, weights=weights)
-    from diffmix.runs import checkpoint_meta
-
-    meta = checkpoint_meta(path)
-    steps = int((meta.get("train_config") or {}).get("diffusion_steps", 1000))
-    return model, GaussianDiffusion.linear(steps), meta
 
 
 def _model_config(model: torch.nn.Module) -> Any:
@@ -459,16 +439,25 @@ def _is_done(out: Path, name: str, records: Mapping[str, Any]) -> bool:
     )
 
 
-def _to_tensor_images(images: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-    """uint8 (H, W, 3) images -> float32 (B, 3, H, W) in [-1, 1] (spec 5: /127.5 - 1, clipped)."""
-    arr = np.stack(images).astype(np.float32) / 127.5 - 1.0
-    return torch.from_numpy(np.clip(arr, -1.0, 1.0)).permute(0, 3, 1, 2).contiguous().to(device)
-
-
-def _job_noise(job: PatchJob, patch: int) -> torch.Tensor:
-    """The initial noise of one patch, (3, patch, patch) float32 from its own CPU generator."""
+def _job_noise(job: PatchJob) -> torch.Tensor:
+    """The initial noise of one patch, (3, H, W) float32 from its own CPU generator."""
     gen = torch.Generator().manual_seed(job.seed)
-    return torch.randn((3, patch, patch), generator=gen)
+    return torch.randn((3, *job.size), generator=gen)
+
+
+def _chunks(jobs: Sequence[PatchJob], batch_size: int) -> list[list[PatchJob]]:
+    """Fixed batches of a rank's jobs: consecutive jobs of one size, at most batch_size each.
+
+    Grid jobs share one size, so these are plain chunks; whole images of other sizes start a
+    new batch. The composition depends on the plan only, never on what is already done.
+    """
+    chunks: list[list[PatchJob]] = []
+    for job in jobs:
+        if chunks and len(chunks[-1]) < batch_size and chunks[-1][0].size == job.size:
+            chunks[-1].append(job)
+        else:
+            chunks.append([job])
+    return chunks
 
 
 def _sample_chunk(
@@ -477,26 +466,23 @@ def _sample_chunk(
     chunk: Sequence[PatchJob],
     y0: torch.Tensor,
     cond: torch.Tensor,
-    patch: int,
-    sampler: Mapping[str, Any],
+    sampler: SamplerSettings,
 ) -> np.ndarray:
-    """uint8 (B, patch, patch, 3) synthetic images of one chunk."""
+    """uint8 (B, H, W, 3) synthetic images of one chunk."""
     from diffmix.sdm.sampler import diffmix_sample, to_uint8
 
-    kw = dict(steps=sampler["steps"], start_fraction=sampler["start_fraction"],
-              guidance_scale=sampler["guidance_scale"], eta=sampler["eta"], diffusion=diffusion)
     with torch.inference_mode():
-        if sampler["eta"] == 0:
-            noise = torch.stack([_job_noise(job, patch) for job in chunk])
-            x = diffmix_sample(model, y0, cond, noise=noise, **kw)
-            return to_uint8(x)
+        if sampler.eta == 0:
+            noise = torch.stack([_job_noise(job) for job in chunk])
+            return to_uint8(diffmix_sample(model, y0, cond, sampler, noise=noise, diffusion=diffusion))
         # eta > 0 draws fresh noise at every step from one generator per sampler call, so each
         # patch runs alone with its own generator: results stay independent of batching.
         outs = []
         for k, job in enumerate(chunk):
             gen = torch.Generator().manual_seed(job.seed)
-            noise = torch.randn((1, 3, patch, patch), generator=gen)
-            x = diffmix_sample(model, y0[k : k + 1], cond[k : k + 1], noise=noise, generator=gen, **kw)
+            noise = torch.randn((1, 3, *job.size), generator=gen)
+            x = diffmix_sample(model, y0[k : k + 1], cond[k : k + 1], sampler, noise=noise, generator=gen,
+                               diffusion=diffusion)
             outs.append(to_uint8(x))
         return np.concatenate(outs)
 
@@ -507,12 +493,9 @@ def synthesize(
     out: str | Path,
     *,
     maps: MapsChoice = "both",
-    patch: int = 256,
+    patch: int | None = 256,
     stride: int = 76,
-    steps: int = 100,
-    start_fraction: str | float = "0.55",
-    guidance_scale: float = 1.5,
-    eta: float = 0.0,
+    sampler: SamplerSettings = DEFAULTS,
     batch_size: int = 8,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -522,16 +505,19 @@ def synthesize(
     enlarge_kwargs: Mapping[str, Any] | None = None,
     scheme: str | ClassScheme | None = None,
     weights: Literal["auto", "ema", "model"] = "auto",
+    generator_name: str = "diffmix synthesize",
 ) -> SynthReport:
     """Make a synthetic dataset folder at `out` from `dataset` and an SDM checkpoint.
 
     dataset: a `Dataset` or a dataset folder (read with `scheme`), full-size images with
         merged labels. ckpt: a `diffmix sdm train` checkpoint, or an authors' `.pt` converted by
         `diffmix sdm import`.
-    maps: "balance" (spec 6a), "enlarge" (spec 6b) or "both" (names then end in the kind).
+    maps: "balance" (spec 6a), "enlarge" (spec 6b), "both" (names then end in the kind) or
+        "own" (each image's own labels: a re-synthesis, what `diffmix sdm sample` makes).
     patch, stride: the grid (spec 5: 256 at 76); patch must suit the U-Net's downsampling.
-    steps, start_fraction, guidance_scale, eta: the sampler (spec 4; see
-        `diffmix.sdm.sampler.diffmix_sample`; guidance_scale is the code's s, paper s + 1).
+        patch=None takes whole images instead (one job per image, named after it, ids kept).
+    sampler: solver, schedule, start and guidance (`diffmix.sdm.settings.SamplerSettings`;
+        guidance_scale is the code's s, paper s + 1), run on the checkpoint's own schedule.
     batch_size: patches per sampler call. seed: drives the label maps and every patch's noise.
     device: None = CUDA when available (this rank's GPU under torchrun), else CPU.
     max_patches: per map kind, spread over the grid (None = the whole grid).
@@ -543,16 +529,16 @@ def synthesize(
     Re-running on the same folder resumes (finished patches are skipped); a folder made with
     other data, checkpoint or settings is refused (RunFolderError). batch_size, device and
     max_patches are not part of that identity (see the module docstring for exactness).
+    `generator_name` is the command recorded in dataset.json's provenance.
     """
     from diffmix.distributed import barrier, init_distributed
     from diffmix.maps.conditioning import condition_batch
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}")
-    if weights not in ("auto", "ema", "model"):
-        raise ConfigError(f"weights must be auto, ema or model, got {weights!r}")
+    if not isinstance(sampler, SamplerSettings):
+        raise ConfigError(f"sampler must be a SamplerSettings, got {type(sampler).__name__}")
+    check_weights(weights)
     kinds = _maps_list(maps)
     if not isinstance(dataset, Dataset):
         dataset = read_dataset(dataset, scheme)
@@ -561,19 +547,12 @@ def synthesize(
     out = Path(out)
     balance_kwargs = dict(balance_kwargs or {})
     enlarge_kwargs = dict(enlarge_kwargs or {})
-    sampler = {
-        "steps": int(steps),
-        "start_fraction": str(start_fraction),
-        "guidance_scale": float(guidance_scale),
-        "eta": float(eta),
-        "weights": weights,
-    }
+    # the settings as manifests and the run identity record them (weights: which tensors)
+    sampler_json = {**sampler.to_json(), "weights": weights}
     from diffmix.runs import check_output_folder
-    from diffmix.sdm.sampler import start_index
 
     # Everything a mistake can break is checked before the run folder is made (design.md:
     # nothing half-written), so a corrected command never meets "a different run" there.
-    start_index(int(steps), sampler["start_fraction"])
     check_output_folder(out)
     scheme_obj = dataset.scheme
     num_classes = scheme_obj.num_classes
@@ -585,23 +564,26 @@ def synthesize(
     info = init_distributed(None if device is None else str(device))
     ckpt = Path(ckpt)
     ckpt_sha = file_sha256(ckpt)
-    model, diffusion, _ = load_sdm(ckpt, info.device, weights)
-    _check_model(model, num_classes, patch, ckpt)
+    model, diffusion = load_sdm(ckpt, info.device, weights)
+    _check_model(model, num_classes, patch, ckpt, dataset)
+    from diffmix.sdm.solvers import sampling_schedule
+
+    sampling_schedule(diffusion, sampler)  # e.g. more passes than network steps to the start
 
     config = {
         "dataset_sha256": dataset_fingerprint(dataset),
         "scheme": scheme_obj.name,
         "checkpoint_sha256": ckpt_sha,
         "maps": kinds,
-        "patch": int(patch),
-        "stride": int(stride),
+        "patch": None if patch is None else int(patch),
+        "stride": None if patch is None else int(stride),
         "seed": int(seed),
-        "sampler": sampler,
+        "sampler": sampler_json,
         "balance": balance_kwargs,
         "enlarge": enlarge_kwargs,
     }
     provenance = {
-        "generator": "diffmix synthesize",
+        "generator": generator_name,
         "source_dataset": str(dataset.root) if dataset.root is not None else None,
         "checkpoint": str(ckpt),
         "checkpoint_sha256": ckpt_sha,
@@ -617,11 +599,11 @@ def synthesize(
     if not info.is_main:
         prepare_run_folder(out, config, kind="synthesize", clean=False)
 
-    label_args = (dataset, kinds, patch, stride, seed, balance_kwargs, enlarge_kwargs)
+    label_args = (dataset, kinds, seed, balance_kwargs, enlarge_kwargs)
     labels: _Labels | None = None  # built on first need: a finished folder needs no maps
 
     my_jobs = jobs[info.rank :: info.world_size]
-    chunks = [my_jobs[i : i + batch_size] for i in range(0, len(my_jobs), batch_size)]
+    chunks = _chunks(my_jobs, batch_size)
     records = _known_records(out)
     done_before = sum(_is_done(out, j.name, records) for j in my_jobs)
     log = JsonlLog(out / "log.jsonl")
@@ -640,11 +622,12 @@ def synthesize(
             labels = _Labels(*label_args)
         originals = [labels.original(j) for j in chunk]
         customs = [labels.custom(j) for j in chunk]
-        y0 = _to_tensor_images([o.image for o in originals], info.device)
+        # contiguous NCHW: image_to_tensor's permuted view would reach the convs channels-last
+        y0 = image_to_tensor(np.stack([o.image for o in originals])).contiguous().to(info.device)
         cond = condition_batch(
             np.stack([c[0] for c in customs]), np.stack([c[1] for c in customs]), num_classes
         ).to(info.device)
-        images = _sample_chunk(model, diffusion, chunk, y0, cond, patch, sampler)
+        images = _sample_chunk(model, diffusion, chunk, y0, cond, sampler)
         for k, job in enumerate(chunk):
             if job not in missing:
                 continue
@@ -659,10 +642,10 @@ def synthesize(
                 "source_index": job.image_index,
                 "patch_index": job.patch_index,
                 "offset": list(job.offset),
-                "size": int(patch),
+                "size": list(job.size) if job.whole else job.size[0],
                 "map_kind": job.kind,
                 "seed": job.seed,
-                "sampler": sampler,
+                "sampler": sampler_json,
                 "checkpoint_sha256": ckpt_sha,
                 "class_counts_before": _str_keys(_class_counts(originals[k].inst_map, originals[k].type_map, scheme_obj.class_ids)),
                 "class_counts": _str_keys(_class_counts(inst, types, scheme_obj.class_ids)),
@@ -729,8 +712,9 @@ def _str_keys(counts: Mapping[int, int]) -> dict[str, int]:
     return {str(k): int(v) for k, v in counts.items()}
 
 
-def _check_model(model: torch.nn.Module, num_classes: int, patch: int, ckpt: Path) -> None:
-    """The U-Net must take this scheme's K+2 label channels and `patch`-px inputs."""
+def _check_model(model: torch.nn.Module, num_classes: int, patch: int | None, ckpt: Path, dataset: Dataset) -> None:
+    """The U-Net must take this scheme's K+2 label channels and the patches' (or, with
+    patch=None, every whole image's) height and width."""
     cfg = _model_config(model)
     if cfg is None:
         return
@@ -741,10 +725,19 @@ def _check_model(model: torch.nn.Module, num_classes: int, patch: int, ckpt: Pat
             f"{num_classes} classes ({num_classes + 2} channels); was it trained on another scheme?"
         )
     mult = getattr(cfg, "channel_mult", None)
-    if mult:
-        factor = 2 ** (len(mult) - 1)
+    if not mult:
+        return
+    factor = 2 ** (len(mult) - 1)  # the U-Net halves H and W len(mult) - 1 times
+    if patch is not None:
         if patch % factor:
             raise ConfigError(f"patch size {patch} is not divisible by {factor}, the SDM U-Net's total downsampling")
+        return
+    bad = [f"{s.name} ({s.shape[0]}x{s.shape[1]})" for s in dataset.samples if s.shape[0] % factor or s.shape[1] % factor]
+    if bad:
+        raise DataError(
+            f"{dataset.root or 'dataset'}: {len(bad)} image(s) have a side not divisible by {factor}, the U-Net's "
+            f"total downsampling of {ckpt}: {', '.join(bad[:5])}; crop or pad them to a multiple of {factor}"
+        )
 
 
 def _order_key(jobs: Sequence[PatchJob]) -> Any:
@@ -752,7 +745,8 @@ def _order_key(jobs: Sequence[PatchJob]) -> Any:
 
     def key(rec: Mapping[str, Any]) -> tuple:
         kind = rec.get("map_kind", "")
-        kind_rank = MAP_KINDS.index(kind) if kind in MAP_KINDS else len(MAP_KINDS)
+        kinds = (*MAP_KINDS, OWN)
+        kind_rank = kinds.index(kind) if kind in kinds else len(kinds)
         return (0, position[rec["name"]], "") if rec["name"] in position else (
             1, kind_rank, str(rec.get("source_image")), int(rec.get("patch_index", 0)), rec["name"])
 

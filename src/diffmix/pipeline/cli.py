@@ -13,6 +13,15 @@ from typing import Any, Optional
 import typer
 
 from diffmix.errors import ConfigError
+from diffmix.sdm.cli import (
+    ETA_OPTION,
+    GUIDANCE_SCALE_OPTION,
+    PASSES_OPTION,
+    SOLVER_OPTION,
+    START_FRACTION_OPTION,
+    STEPS_OPTION,
+    sampler_settings,
+)
 
 
 def _json_option(text: Optional[str], what: str) -> dict[str, Any]:
@@ -35,13 +44,15 @@ def synthesize_cmd(
     dataset: Path = typer.Argument(..., help="Dataset folder of full-size images with labels."),
     ckpt: Path = typer.Argument(..., help="SDM checkpoint: `diffmix sdm train` output, or an authors' .pt converted by `diffmix sdm import`."),
     out: Path = typer.Argument(..., help="Output dataset folder (re-running on it resumes)."),
-    maps: str = typer.Option(..., "--maps", help="Label maps: balance, enlarge or both."),
+    maps: str = typer.Option(..., "--maps", help="Label maps: balance, enlarge, both, or own (the images' own labels)."),
     patch: int = typer.Option(256, "--patch", help="Patch size of the grid (spec 5: 256)."),
     stride: int = typer.Option(76, "--stride", help="Grid stride (spec 5: 76)."),
-    steps: int = typer.Option(100, "--steps", help="DDIM steps of the respaced schedule (spec 4: 100)."),
-    start_fraction: str = typer.Option("0.55", "--start-fraction", help="Share of the DDIM steps run (spec 4: 0.55)."),
-    guidance_scale: float = typer.Option(1.5, "--guidance-scale", help="Classifier-free guidance s, code form (spec 4: 1.5)."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (spec 4: 0)."),
+    steps: int = STEPS_OPTION,
+    start_fraction: str = START_FRACTION_OPTION,
+    guidance_scale: float = GUIDANCE_SCALE_OPTION,
+    eta: float = ETA_OPTION,
+    solver: str = SOLVER_OPTION,
+    passes: Optional[int] = PASSES_OPTION,
     batch_size: int = typer.Option(8, "--batch-size", help="Patches per sampler call."),
     seed: int = typer.Option(0, "--seed", help="Seed of the label maps and of every patch's noise."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
@@ -59,15 +70,16 @@ def synthesize_cmd(
     from diffmix.runs import check_output_file, write_json
     from diffmix.synth import synthesize
 
-    if weights not in ("auto", "ema", "model"):
-        raise ConfigError(f"--weights must be auto, ema or model, got {weights!r}")
+    from diffmix.sdm.convert import check_weights
+
+    check_weights(weights)
+    sampler = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes)
     if json_out is not None:
         check_output_file(json_out)
     ds = read_dataset(dataset, scheme)
     try:
         report = synthesize(
-            ds, ckpt, out, maps=maps, patch=patch, stride=stride, steps=steps,
-            start_fraction=start_fraction, guidance_scale=guidance_scale, eta=eta,
+            ds, ckpt, out, maps=maps, patch=patch, stride=stride, sampler=sampler,
             batch_size=batch_size, seed=seed, device=device, max_patches=max_patches,
             progress=not quiet, balance_kwargs=_json_option(balance, "--balance"),
             enlarge_kwargs=_json_option(enlarge, "--enlarge"), weights=weights,  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset, write_dataset
@@ -30,6 +30,8 @@ from diffmix.data.patches import grid_patches
 from diffmix.data.sample import NucleiSample
 from diffmix.errors import ConfigError, DataError
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
+from diffmix.sdm.settings import DEFAULTS as SAMPLER
+from diffmix.sdm.settings import SamplerSettings, fraction_text
 
 #: What the toy demo can and cannot show (issue 10 item 5), printed and in its report.
 TOY_CAVEAT = (
@@ -87,16 +89,35 @@ class SynthStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     patch: int = Field(default=256, ge=8)
     stride: int = Field(default=76, ge=1)
-    steps: int = Field(default=100, ge=1)
-    start_fraction: str = "0.55"
-    guidance_scale: float = 1.5
-    eta: float = Field(default=0.0, ge=0.0)
+    # the sampler (defaults: diffmix.sdm.settings.SamplerSettings, spec 4)
+    steps: int = Field(default=SAMPLER.steps, ge=1)
+    start_fraction: str = fraction_text(SAMPLER.start_fraction)
+    guidance_scale: float = SAMPLER.guidance_scale
+    eta: float = Field(default=SAMPLER.eta, ge=0.0)
+    solver: str = SAMPLER.solver
+    passes: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=8, ge=1)
     # Patches per map kind, spread evenly over the grid of every image (None = the whole grid):
     # what a CPU run can afford; each fold still draws from its own training images.
     max_patches: int | None = Field(default=None, ge=1)
     balance: dict[str, Any] = Field(default_factory=dict)  # extra balance_dataset arguments
     enlarge: dict[str, Any] = Field(default_factory=dict)  # extra enlarge_dataset arguments
+
+    def sampler(self) -> SamplerSettings:
+        """These settings as the sampler takes them (ConfigError for a bad combination)."""
+        return SamplerSettings(steps=self.steps, start_fraction=self.start_fraction, guidance_scale=self.guidance_scale,
+                               eta=self.eta, solver=self.solver, passes=self.passes)
+
+    @model_serializer(mode="wrap")
+    def _drop_default_solver(self, handler: Any) -> dict[str, Any]:
+        # config.yaml (the run identity) names solver and passes only when set, so experiment
+        # folders made before they existed still resume
+        data = handler(self)
+        if data.get("solver") == SAMPLER.solver:
+            data.pop("solver")
+        if data.get("passes") is None:
+            data.pop("passes", None)
+        return data
 
 
 class SegStage(BaseModel):
@@ -245,7 +266,6 @@ class Experiment:
         and segmenter configs of every arm (a typo would otherwise surface hours in)."""
         from diffmix.data.schemes import CONSEP
         from diffmix.distributed import resolve_device
-        from diffmix.sdm.sampler import start_index
         from diffmix.seg.train import SegTrainConfig
         from diffmix.synth import check_map_kwargs
 
@@ -274,7 +294,7 @@ class Experiment:
 
             resolve_train_config(cfg.sdm.preset, {"seed": cfg.seed, **cfg.sdm.overrides}, scheme.num_classes)
         s = cfg.synthesis
-        start_index(s.steps, s.start_fraction)
+        s.sampler()
         kinds = {k for a in cfg.arms for k in ARM_SETS[a]}
         for kind, kwargs in (("balance", s.balance), ("enlarge", s.enlarge)):
             if kind in kinds:
@@ -402,8 +422,7 @@ class Experiment:
             s = self.cfg.synthesis
             t0 = time.perf_counter()
             synthesize(
-                train, self.sdm_checkpoint(), out, maps=kind, patch=s.patch, stride=s.stride, steps=s.steps,
-                start_fraction=s.start_fraction, guidance_scale=s.guidance_scale, eta=s.eta,
+                train, self.sdm_checkpoint(), out, maps=kind, patch=s.patch, stride=s.stride, sampler=s.sampler(),
                 batch_size=s.batch_size, seed=self.cfg.seed, device=self.device, progress=self.progress,
                 max_patches=s.max_patches,
                 balance_kwargs=s.balance or None, enlarge_kwargs=s.enlarge or None,

@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 import typer
 
+from diffmix.sdm.settings import DEFAULTS, SOLVERS, SamplerSettings, fraction_text
+
 sdm_app = typer.Typer(
     name="sdm",
     help="Semantic diffusion model: train (two phases, resumable, DDP), DiffMix sampling, checkpoint import.",
@@ -62,32 +64,70 @@ def train_cmd(
         cleanup()
 
 
+# Options of the sampler, shared by `sdm sample` and `diffmix synthesize`; their defaults are
+# `SamplerSettings`' (each written once, in diffmix.sdm.settings).
+STEPS_OPTION: Any = typer.Option(
+    DEFAULTS.steps, "--steps", help="Respaced schedule ddim<N> (spec 4: 100); with the start fraction it fixes the start time.")
+START_FRACTION_OPTION: Any = typer.Option(
+    fraction_text(DEFAULTS.start_fraction), "--start-fraction",
+    help="Start at index floor(steps x fraction) - 1 of that schedule (spec 4: 0.55, i.e. t = 540 of 1000).")
+GUIDANCE_SCALE_OPTION: Any = typer.Option(
+    DEFAULTS.guidance_scale, "--guidance-scale", help="Classifier-free guidance s, code form eps_u + s(eps_c - eps_u) (spec 4: 1.5).")
+ETA_OPTION: Any = typer.Option(DEFAULTS.eta, "--eta", help="DDIM eta (spec 4: 0; DDIM only).")
+SOLVER_OPTION: Any = typer.Option(
+    DEFAULTS.solver, "--solver", help=f"Solver: {', '.join(SOLVERS)} (ddim is the official sampler; docs/solvers.md).")
+PASSES_OPTION: Any = typer.Option(
+    None, "--passes", help="Guided network passes from the start time to t = 0 (default: every respaced step, 55).")
+
+
+def sampler_settings(steps: int, start_fraction: str, guidance_scale: float, eta: float, solver: str,
+                     passes: Optional[int]) -> SamplerSettings:
+    """The `SamplerSettings` of the sampler options (ConfigError, exit 2, for a bad value)."""
+    return SamplerSettings(steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale, eta=eta,
+                           solver=solver, passes=passes)
+
+
 @sdm_app.command("sample")
 def sample_cmd(
     ckpt: Path = typer.Argument(..., help="A `sdm train` checkpoint or an imported official checkpoint."),
     maps: Path = typer.Option(..., "--maps", help="Dataset folder: images are the y0 patches, labels the maps to follow."),
-    out: Path = typer.Option(..., "--out", help="New dataset folder for the synthetic patches."),
-    steps: int = typer.Option(100, help="DDIM steps of the respaced schedule (spec 4: ddim100)."),
-    start_fraction: str = typer.Option("0.55", "--start-fraction", help="Start at floor(steps x fraction) - 1."),
-    guidance_scale: float = typer.Option(1.5, "--guidance-scale", help="Code-form s of eps_u + s(eps_c - eps_u)."),
-    eta: float = typer.Option(0.0, help="DDIM eta (0: deterministic after the first noising)."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Patches per forward batch (each runs as 2x for CFG)."),
-    seed: int = typer.Option(0, help="Seed of the start noise (patch i uses a generator seeded with seed and i)."),
+    out: Path = typer.Option(..., "--out", help="Output dataset folder (a synthesis run folder: re-running on it resumes)."),
+    steps: int = STEPS_OPTION,
+    start_fraction: str = START_FRACTION_OPTION,
+    guidance_scale: float = GUIDANCE_SCALE_OPTION,
+    eta: float = ETA_OPTION,
+    solver: str = SOLVER_OPTION,
+    passes: Optional[int] = PASSES_OPTION,
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call (each runs as 2x for CFG)."),
+    seed: int = typer.Option(0, help="Seed of the start noise (per image: its name, `diffmix.synth.patch_seed`)."),
     weights: str = typer.Option("auto", help="auto (EMA when present, the official choice), ema or model."),
     scheme: Optional[str] = typer.Option(None, help="Class scheme of a raw maps dataset without dataset.json."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when available)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Re-synthesise every image of MAPS under its own label maps; write a dataset folder to OUT."""
-    from diffmix.runs import check_output_folder
-    from diffmix.sdm.sampler import synthesize_dataset
+    """Re-synthesise every image of MAPS, whole, under its own label maps; write a dataset folder to OUT.
 
+    This is `diffmix synthesize` with the map kind "own" and whole images: the same model
+    loader, schedule (the checkpoint's), noise rule, run folder and manifest.
+    """
+    from diffmix.data.io import read_dataset
+    from diffmix.distributed import cleanup, is_main
+    from diffmix.runs import check_output_folder
+    from diffmix.synth import OWN, synthesize
+
+    settings = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes)
     check_output_folder(out)
-    path = synthesize_dataset(
-        ckpt, maps, out, steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale, eta=eta,
-        batch_size=batch_size, seed=seed, weights=weights, scheme=scheme, device=device, progress=progress,
-    )
-    typer.echo(f"sdm sample: wrote {path}")
+    data = read_dataset(maps, scheme)
+    try:
+        report = synthesize(
+            data, ckpt, out, maps=OWN, patch=None, sampler=settings, batch_size=batch_size, seed=seed,
+            device=device, progress=progress, weights=weights, generator_name="diffmix sdm sample",  # type: ignore[arg-type]
+        )
+        if is_main():
+            typer.echo(f"sdm sample: {report.n_written} image(s) written, {report.n_skipped} already done "
+                       f"({settings.describe()}) -> {report.out}")
+    finally:
+        cleanup()
 
 
 @sdm_app.command("import")

@@ -1,11 +1,12 @@
-"""Import the authors' released SDM checkpoints (.pt) into safetensors, and load U-Nets back.
+"""Import the authors' released SDM checkpoints (.pt) into safetensors; load U-Nets (and schedules) back.
 
 The released DiffMix checkpoints (`ema_0.9999_010000.pt` CoNSeP, `ema_0.9999_010200.pt` GLySAC,
 spec 3) are plain `torch.save` state dicts of SDM's `UNetModel`, without the flags that built
 it. `import_checkpoint` reads one with `torch.load(weights_only=True)` (never unpickling
 arbitrary objects, design.md), infers the `UNetConfig` from the tensor shapes, checks that every
 tensor fits that model by name and shape (strict), and writes a safetensors file whose metadata
-holds the config, so `load_unet` can rebuild the model from the file alone.
+holds the config, so `load_unet` can rebuild the model from the file alone. `load_sdm` is the
+one loader sampling uses: that U-Net and the diffusion schedule the checkpoint was trained with.
 
 What the shapes cannot tell, and how it is resolved:
 - the image size, needed only to express attention levels as feature-map sizes: SDM picks
@@ -19,7 +20,6 @@ What the shapes cannot tell, and how it is resolved:
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import warnings
@@ -30,8 +30,9 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from diffmix.errors import CheckpointError
-from diffmix.runs import save_checkpoint
+from diffmix.errors import CheckpointError, ConfigError
+from diffmix.runs import checkpoint_meta, file_sha256, save_checkpoint
+from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.unet import UNetConfig, UNetModel, build_unet
 
 # SDM script_util.create_model: the default channel_mult of each image size
@@ -238,14 +239,6 @@ def check_state_dict(state: Mapping[str, Tensor], config: UNetConfig, source: st
         raise CheckpointError(f"{source}: does not fit the SDM U-Net it describes: " + "; ".join(problems))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -280,13 +273,23 @@ def import_checkpoint(
         "source": {
             "name": src.name,
             "path": str(src.resolve()),
-            "sha256": _sha256(src),
+            "sha256": file_sha256(src),
             "format": "torch.save state dict of SDM guided_diffusion.unet.UNetModel",
             "num_parameters": sum(t.numel() for t in weights.values()),
         },
     }
     save_checkpoint(dst, {"model": weights}, meta=meta)
     return config
+
+
+WEIGHTS: tuple[str, ...] = ("auto", "ema", "model")
+
+
+def check_weights(weights: str) -> None:
+    """ConfigError unless `weights` names a choice of `load_unet`: "auto" (EMA when the file
+    has it, else the raw weights; spec 3: sampling uses the EMA), "ema" or "model"."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be auto, ema or model, got {weights!r}")
 
 
 def load_unet(
@@ -298,8 +301,7 @@ def load_unet(
     "unet_config" and whose state holds "ema" and/or "model" state dicts (name -> tensor).
     `weights`: "auto" prefers EMA (what sampling uses, spec 3), "ema" or "model" force one.
     """
-    if weights not in ("auto", "ema", "model"):
-        raise ValueError(f"weights must be 'auto', 'ema' or 'model', got {weights!r}")
+    check_weights(weights)
     path = Path(path)
     order = ("ema", "model") if weights == "auto" else (weights,)
     chosen, tensors, meta = _read_weights(path, order)
@@ -339,12 +341,41 @@ def _read_weights(
     return None, {}, meta
 
 
+
+
+def load_sdm(
+    path: str | Path, device: str | torch.device = "cpu", weights: str = "auto"
+) -> tuple[UNetModel, GaussianDiffusion]:
+    """(U-Net in eval mode, its full diffusion schedule) for sampling: the one model loader.
+
+    The U-Net comes from `load_unet`. The schedule is the checkpoint's own: a `diffmix sdm
+    train` checkpoint records its `diffusion_steps` (linear betas over that many steps, spec 3);
+    a file without a training config (an imported authors' checkpoint) gets the official
+    T = 1000. Torch `.pt` files are refused with the command that converts them.
+    """
+    path = Path(path)
+    check_weights(weights)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if path.suffix.lower() in (".pt", ".pth"):
+        raise CheckpointError(
+            f"{path}: a torch .pt checkpoint; convert it once with `diffmix sdm import {path} OUT.safetensors` "
+            "and synthesise from OUT.safetensors"
+        )
+    model, _ = load_unet(path, device, weights=weights)
+    train_config = checkpoint_meta(path).get("train_config") or {}
+    return model, GaussianDiffusion.linear(int(train_config.get("diffusion_steps", 1000)))
+
+
 __all__ = [
     "read_torch_state_dict",
     "infer_config",
     "check_state_dict",
     "import_checkpoint",
     "load_unet",
+    "load_sdm",
+    "check_weights",
+    "WEIGHTS",
     "DEFAULT_CHANNEL_MULT_SIZES",
     "KNOWN_HEAD_CHANNELS",
 ]

@@ -36,7 +36,9 @@ from diffmix.runs import (
 )
 from diffmix.sdm.data import noise_generator, preview_batch, step_seed, training_batch
 from diffmix.sdm.diffusion import GaussianDiffusion
-from diffmix.sdm.sampler import diffmix_sample, start_index, to_uint8
+from diffmix.sdm.sampler import diffmix_sample, to_uint8
+from diffmix.sdm.settings import DEFAULTS as SAMPLER
+from diffmix.sdm.settings import SamplerSettings, fraction_text
 from diffmix.sdm.unet import UNetConfig, UNetModel
 
 CHECKPOINT_PATTERN = "ckpt_*.safetensors"
@@ -71,9 +73,9 @@ class SDMTrainConfig(BaseModel):
     keep_checkpoints: int = 2
     sample_every: int = 1000  # 0: no sample grids
     sample_count: int = 4
-    sample_steps: int = 100
-    sample_start_fraction: str = "0.55"
-    sample_guidance_scale: float = 1.5
+    sample_steps: int = SAMPLER.steps  # preview grids: the official sampler's settings by default
+    sample_start_fraction: str = fraction_text(SAMPLER.start_fraction)
+    sample_guidance_scale: float = SAMPLER.guidance_scale
     seed: int = 0
 
     @model_validator(mode="after")
@@ -97,10 +99,16 @@ class SDMTrainConfig(BaseModel):
         if self.sample_steps > self.diffusion_steps:
             raise ValueError("sample_steps cannot exceed diffusion_steps")
         try:
-            start_index(self.sample_steps, self.sample_start_fraction)
+            _ = self.sampler  # validates the preview settings
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        """The sampler of the preview grids."""
+        return SamplerSettings(steps=self.sample_steps, start_fraction=self.sample_start_fraction,
+                               guidance_scale=self.sample_guidance_scale)
 
     @property
     def total_steps(self) -> int:
@@ -199,9 +207,7 @@ def sample_grid(
     type_map: torch.Tensor,
     num_classes: int,
     *,
-    steps: int,
-    start_fraction: str,
-    guidance_scale: float,
+    settings: SamplerSettings,
     seed: int,
     diffusion: GaussianDiffusion,
     amp_dtype: torch.dtype | None = None,
@@ -221,8 +227,7 @@ def sample_grid(
         was_training = model.training
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            x = diffmix_sample(model, y0, cond, steps=steps, start_fraction=start_fraction,
-                               guidance_scale=guidance_scale, noise=noise, diffusion=diffusion)
+            x = diffmix_sample(model, y0, cond, settings, noise=noise, diffusion=diffusion)
         model.train(was_training)
         columns.append(to_uint8(x.float()))
     b, h, w, _ = columns[0].shape
@@ -387,8 +392,7 @@ def train_sdm(
 
                 grid = sample_grid(
                     [model, ema], preview.image, preview.inst_map, preview.type_map, num_classes,
-                    steps=cfg.sample_steps, start_fraction=cfg.sample_start_fraction,
-                    guidance_scale=cfg.sample_guidance_scale, seed=cfg.seed, diffusion=diffusion,
+                    settings=cfg.sampler, seed=cfg.seed, diffusion=diffusion,
                     amp_dtype=amp_dtype,
                 )
                 write_image(out / "samples" / f"step_{done:07d}.png", grid)

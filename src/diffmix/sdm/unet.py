@@ -29,7 +29,7 @@ raw variance-interpolation value v in the rest (learned sigma, spec 3).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -265,6 +265,15 @@ def _ring_index(n: int, device: torch.device) -> Tensor:
     idx = torch.ones(n, dtype=torch.long, device=device)
     idx[0], idx[-1] = 0, 2
     return idx
+
+
+def label_cache_budget(device: torch.device) -> int:
+    """Bytes `UNetModel.conditioned` may spend on stored SPADE modulations by default: half the
+    free memory of a CUDA device (the paper config needs 1.9 GiB per patch in bf16), 2 GiB elsewhere."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return 2 * 2**30
 
 
 class SPADELabels:
@@ -685,6 +694,28 @@ class UNetModel(nn.Module):
         out = self._decode(skips, labels, emb, 2 * b).to(x.dtype)
         return out[:b], out[b:]
 
+    def conditioned(
+        self, y: Tensor, *, null: bool = False, label_cache: bool | None = None
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """`f(x, t)` = forward(x, t, y) for a label map y fixed across calls (the steps of one
+        sampling run); with `null`, the 2B rows [forward(x, t, y); forward(x, t, 0)] that
+        classifier-free guidance needs, through `forward_guided`. This is how the U-Net offers
+        its fast path to any sampler (`diffmix.sdm.sampler.conditioned`).
+
+        One `SPADELabels` serves every call; with `label_cache` it keeps each SPADE's
+        (1 + gamma, beta) after the first call. None: cache when `label_cache_bytes` fits
+        `label_cache_budget` (in the dtype autocast will compute in); False: recompute.
+        """
+        if label_cache is None:
+            kind = y.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else y.dtype
+            need = self.label_cache_bytes(y.shape[0], y.shape[2], y.shape[3], dtype, null=null)
+            label_cache = need <= label_cache_budget(y.device)
+        labels = SPADELabels(y, null=null, store=label_cache)
+        if null:
+            return lambda x, t: torch.cat(self.forward_guided(x, t, y, labels=labels))
+        return lambda x, t: self(x, t, y, labels=labels)
+
     def label_cache_bytes(self, batch: int, height: int, width: int, dtype: torch.dtype = torch.float32,
                           null: bool = True) -> int:
         """Bytes a storing `SPADELabels` holds for a (batch, label_nc, height, width) label:
@@ -799,6 +830,7 @@ __all__: list[str] = [
     "SDMResBlock",
     "SPADEGroupNorm",
     "SPADELabels",
+    "label_cache_budget",
     "AttentionBlock",
     "GroupNorm32",
     "timestep_embedding",
