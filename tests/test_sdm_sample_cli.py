@@ -91,3 +91,27 @@ def test_sample_of_an_imported_checkpoint_uses_the_official_schedule(maps, tmp_p
     main(["sdm", "sample", str(ckpt), "--maps", str(maps), "--out", str(tmp_path / "out"), "--steps", "10",
           "--no-progress", "--device", "cpu"])
     assert sorted(set(seen), reverse=True) == [400, 300, 200, 100, 0]
+
+
+def test_solver_and_passes_from_the_cli_reach_the_manifest(maps, tmp_path, monkeypatch):
+    """`--solver unipc --passes 3`: three guided passes on the log-SNR grid from the usual start
+    (t = 400 for ddim10 at 55%), recorded in every patch record and the run identity."""
+    ckpt = _checkpoint(tmp_path / "ckpt.safetensors", diffusion_steps=1000)
+    seen = _seen_timesteps(monkeypatch)
+    out = tmp_path / "out"
+    args = ["sdm", "sample", str(ckpt), "--maps", str(maps), "--out", str(out), "--steps", "10", "--no-progress",
+            "--device", "cpu", "--solver", "unipc", "--passes", "3"]
+    main(args)
+    assert sorted(set(seen), reverse=True)[0] == 400 and len(set(seen)) == 3 and 0 in seen
+    manifest = json.loads((out / "manifest.json").read_text())
+    want = {"steps": 10, "start_fraction": "0.55", "guidance_scale": 1.5, "eta": 0.0, "solver": "unipc",
+            "passes": 3, "spacing": "logsnr", "weights": "auto"}
+    assert manifest["config"]["sampler"] == want and all(r["sampler"] == want for r in manifest["patches"])
+    main(args)  # the same settings resume (nothing to do) ...
+    with pytest.raises(SystemExit) as exc:  # ... other solver settings are another run
+        main(args[:-2] + ["--passes", "4"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:  # eta is DDIM's
+        main(["sdm", "sample", str(ckpt), "--maps", str(maps), "--out", str(tmp_path / "x"), "--solver", "dpmpp-2m",
+              "--eta", "0.5", "--no-progress"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()

@@ -66,6 +66,12 @@ def test_parsed_once_frozen_and_equal_by_value():
 def test_json_round_trip_ignores_other_keys():
     s = SamplerSettings(steps=20, start_fraction="0.3", guidance_scale=2.0, eta=0.5)
     assert SamplerSettings.from_json({**s.to_json(), "weights": "ema"}) == s
+    few = SamplerSettings(solver="unipc", passes=8)
+    assert few.spacing == "logsnr" and few.num_passes == 8  # the solver's own grid
+    assert few.to_json() == {"steps": 100, "start_fraction": "0.55", "guidance_scale": 1.5, "eta": 0.0,
+                             "solver": "unipc", "passes": 8, "spacing": "logsnr"}
+    assert SamplerSettings.from_json(few.to_json()) == few
+    assert SamplerSettings(passes=8).spacing == "time"  # DDIM keeps its official grid
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -79,6 +85,9 @@ def test_json_round_trip_ignores_other_keys():
     ({"eta": -0.1}, "eta must be >= 0"),
     ({"solver": "euler"}, "solver must be one of"),
     ({"passes": 0}, "passes"),
+    ({"solver": "dpmpp-2m", "eta": 0.5}, "deterministic"),
+    ({"spacing": "logsnr"}, "set passes too"),
+    ({"passes": 5, "spacing": "cosine"}, "spacing must be one of"),
 ])
 def test_invalid_settings_are_config_errors(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -103,3 +112,16 @@ def test_every_default_comes_from_the_settings():
         assert got == DEFAULTS, cmd.__name__
     assert SynthStage().sampler() == DEFAULTS
     assert SDMTrainConfig().sampler == dataclasses.replace(DEFAULTS)
+
+
+def test_experiment_config_names_the_solver_only_when_set():
+    """config.yaml is a run's identity: experiments made before solvers existed keep theirs."""
+    from diffmix.pipeline.experiment import SynthStage
+
+    assert not {"solver", "passes", "spacing"} & set(SynthStage().model_dump(mode="json"))
+    few = SynthStage(solver="unipc", passes=8)
+    dumped = few.model_dump(mode="json")
+    assert (dumped["solver"], dumped["passes"]) == ("unipc", 8) and "spacing" not in dumped
+    assert few.sampler() == SamplerSettings(solver="unipc", passes=8, spacing="logsnr")
+    with pytest.raises(ConfigError, match="deterministic"):
+        SynthStage(solver="unipc", eta=0.3).sampler()

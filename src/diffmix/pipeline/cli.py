@@ -18,6 +18,7 @@ from diffmix.sdm.cli import (
     GUIDANCE_SCALE_OPTION,
     PASSES_OPTION,
     SOLVER_OPTION,
+    SPACING_OPTION,
     START_FRACTION_OPTION,
     STEPS_OPTION,
     sampler_settings,
@@ -53,6 +54,7 @@ def synthesize_cmd(
     eta: float = ETA_OPTION,
     solver: str = SOLVER_OPTION,
     passes: Optional[int] = PASSES_OPTION,
+    spacing: Optional[str] = SPACING_OPTION,
     batch_size: int = typer.Option(8, "--batch-size", help="Patches per sampler call."),
     seed: int = typer.Option(0, "--seed", help="Seed of the label maps and of every patch's noise."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
@@ -73,7 +75,7 @@ def synthesize_cmd(
     from diffmix.sdm.convert import check_weights
 
     check_weights(weights)
-    sampler = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes)
+    sampler = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
     if json_out is not None:
         check_output_file(json_out)
     ds = read_dataset(dataset, scheme)

@@ -96,6 +96,7 @@ class SynthStage(BaseModel):
     eta: float = Field(default=SAMPLER.eta, ge=0.0)
     solver: str = SAMPLER.solver
     passes: int | None = Field(default=None, ge=1)
+    spacing: str | None = None  # grid of the passes: time, logsnr (None: the solver's own)
     batch_size: int = Field(default=8, ge=1)
     # Patches per map kind, spread evenly over the grid of every image (None = the whole grid):
     # what a CPU run can afford; each fold still draws from its own training images.
@@ -106,17 +107,18 @@ class SynthStage(BaseModel):
     def sampler(self) -> SamplerSettings:
         """These settings as the sampler takes them (ConfigError for a bad combination)."""
         return SamplerSettings(steps=self.steps, start_fraction=self.start_fraction, guidance_scale=self.guidance_scale,
-                               eta=self.eta, solver=self.solver, passes=self.passes)
+                               eta=self.eta, solver=self.solver, passes=self.passes, spacing=self.spacing)
 
     @model_serializer(mode="wrap")
     def _drop_default_solver(self, handler: Any) -> dict[str, Any]:
-        # config.yaml (the run identity) names solver and passes only when set, so experiment
-        # folders made before they existed still resume
+        # config.yaml (the run identity) names solver, passes and spacing only when set, so
+        # experiment folders made before they existed still resume
         data = handler(self)
         if data.get("solver") == SAMPLER.solver:
             data.pop("solver")
-        if data.get("passes") is None:
-            data.pop("passes", None)
+        for name in ("passes", "spacing"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 

@@ -78,13 +78,15 @@ SOLVER_OPTION: Any = typer.Option(
     DEFAULTS.solver, "--solver", help=f"Solver: {', '.join(SOLVERS)} (ddim is the official sampler; docs/solvers.md).")
 PASSES_OPTION: Any = typer.Option(
     None, "--passes", help="Guided network passes from the start time to t = 0 (default: every respaced step, 55).")
+SPACING_OPTION: Any = typer.Option(
+    None, "--spacing", help="Grid of --passes: time or logsnr (default: time for ddim, logsnr for dpmpp-2m and unipc).")
 
 
 def sampler_settings(steps: int, start_fraction: str, guidance_scale: float, eta: float, solver: str,
-                     passes: Optional[int]) -> SamplerSettings:
+                     passes: Optional[int], spacing: Optional[str] = None) -> SamplerSettings:
     """The `SamplerSettings` of the sampler options (ConfigError, exit 2, for a bad value)."""
     return SamplerSettings(steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale, eta=eta,
-                           solver=solver, passes=passes)
+                           solver=solver, passes=passes, spacing=spacing)
 
 
 @sdm_app.command("sample")
@@ -98,6 +100,7 @@ def sample_cmd(
     eta: float = ETA_OPTION,
     solver: str = SOLVER_OPTION,
     passes: Optional[int] = PASSES_OPTION,
+    spacing: Optional[str] = SPACING_OPTION,
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call (each runs as 2x for CFG)."),
     seed: int = typer.Option(0, help="Seed of the start noise (per image: its name, `diffmix.synth.patch_seed`)."),
     weights: str = typer.Option("auto", help="auto (EMA when present, the official choice), ema or model."),
@@ -115,7 +118,7 @@ def sample_cmd(
     from diffmix.runs import check_output_folder
     from diffmix.synth import OWN, synthesize
 
-    settings = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes)
+    settings = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
     check_output_folder(out)
     data = read_dataset(maps, scheme)
     try:

@@ -15,7 +15,12 @@ from typing import Any, Mapping
 
 from diffmix.errors import ConfigError
 
-SOLVERS: tuple[str, ...] = ("ddim",)
+SOLVERS: tuple[str, ...] = ("ddim", "dpmpp-2m", "unipc")
+# The grid a `passes` budget is laid on, per solver: DDIM keeps its official time-uniform grid
+# (55 passes from t = 540 ARE the official steps); the multistep solvers take log-SNR-uniform
+# points, on which their extrapolation is well conditioned (docs/solvers.md).
+SPACINGS: tuple[str, ...] = ("time", "logsnr")
+DEFAULT_SPACING: dict[str, str] = {"ddim": "time", "dpmpp-2m": "logsnr", "unipc": "logsnr"}
 
 
 def parse_fraction(value: str | float | Fraction) -> Fraction:
@@ -80,10 +85,13 @@ class SamplerSettings:
     guidance_scale: the code-form s of eps_u + s (eps_c - eps_u) (paper s = code s - 1);
         guidance (two passes) runs only when s > 1, as in the official code.
     eta: DDIM's stochasticity (0: deterministic after the first noising); DDIM only.
-    solver: "ddim" (the official sampler; `diffmix.sdm.solvers`).
-    passes: guided network passes from the start time to t = 0, on a time-uniform grid; None
-        = every respaced step from the start (55 for the defaults, the official run). The
-        start time does not depend on it, so a few-pass run starts where the official one does.
+    solver: "ddim" (the official sampler), "dpmpp-2m" (DPM-Solver++(2M)) or "unipc" (UniPC-2,
+        B(h) = e^h - 1); all use the clipped data prediction (spec 4's clip_denoised).
+    passes: guided network passes from the start time to t = 0; None = every respaced step
+        from the start (55 for the defaults, the official run). The start time does not depend
+        on it, so a few-pass run starts where the official one does.
+    spacing: the grid of those passes, "time" (uniform in network steps) or "logsnr" (uniform
+        in log(alpha / sigma)); set only with passes, default `DEFAULT_SPACING[solver]`.
     """
 
     steps: int = 100  # spec 4: --timestep_respacing ddim100
@@ -92,6 +100,7 @@ class SamplerSettings:
     eta: float = 0.0  # spec 4: hard-coded 0
     solver: str = "ddim"
     passes: int | None = None
+    spacing: str | None = None
 
     def __post_init__(self) -> None:
         # the one place the start fraction is parsed (frozen: set through object.__setattr__)
@@ -114,6 +123,13 @@ class SamplerSettings:
             raise ConfigError(f"eta > 0 is DDIM's; the {self.solver} solver is deterministic (eta 0)")
         if self.passes is not None and (isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 1):
             raise ConfigError(f"passes must be a positive integer (or unset), got {self.passes!r}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ConfigError(f"spacing must be one of {', '.join(SPACINGS)}; got {self.spacing!r}")
+        if self.passes is None and self.spacing is not None:
+            raise ConfigError("spacing lays out a number of passes: set passes too (without it the run takes "
+                              "every respaced step from the start)")
+        if self.passes is not None and self.spacing is None:
+            object.__setattr__(self, "spacing", DEFAULT_SPACING[self.solver])
 
     @property
     def start_index(self) -> int:
@@ -126,9 +142,9 @@ class SamplerSettings:
         return self.passes if self.passes is not None else self.start_index + 1
 
     def to_json(self) -> dict[str, Any]:
-        """What manifests and run identities record. `solver` and `passes` appear only when
-        they differ from the official DDIM run, so folders made before they existed keep their
-        bytes and still resume."""
+        """What manifests and run identities record. `solver`, `passes` and `spacing` appear only
+        when they differ from the official DDIM run, so folders made before they existed keep
+        their bytes and still resume."""
         out: dict[str, Any] = {
             "steps": self.steps,
             "start_fraction": fraction_text(self.start_fraction),
@@ -139,17 +155,19 @@ class SamplerSettings:
             out["solver"] = self.solver
         if self.passes is not None:
             out["passes"] = self.passes
+            out["spacing"] = self.spacing
         return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SamplerSettings":
         """The settings a manifest recorded (other keys, e.g. "weights", are ignored)."""
-        keys = ("steps", "start_fraction", "guidance_scale", "eta", "solver", "passes")
+        keys = ("steps", "start_fraction", "guidance_scale", "eta", "solver", "passes", "spacing")
         return cls(**{k: data[k] for k in keys if k in data})
 
     def describe(self) -> str:
         """One line for logs and the CLI: solver, passes, start and guidance."""
-        return (f"{self.solver}, {self.num_passes} guided passes from index {self.start_index} of "
+        grid = f" ({self.spacing} grid)" if self.passes is not None else ""
+        return (f"{self.solver}, {self.num_passes} guided passes{grid} from index {self.start_index} of "
                 f"{self.steps} steps (start fraction {fraction_text(self.start_fraction)}), "
                 f"guidance {self.guidance_scale:g}" + (f", eta {self.eta:g}" if self.eta else ""))
 
