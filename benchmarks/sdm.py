@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample
-from diffmix.sdm.settings import SamplerSettings
+from diffmix.sdm.settings import DEFAULTS, SamplerSettings
 from diffmix.sdm.unet import AttentionBlock, UNetConfig, UNetModel
 
 
@@ -138,7 +138,7 @@ def cpu_benchmark(args) -> dict:
     ref = reference_model(model)
     y0, cond, noise = inputs(args.patches, args.size, config.label_nc, args.seed)
     frac = args.start_fraction
-    kw = dict(settings=SamplerSettings(steps=args.steps, start_fraction=str(frac), guidance_scale=1.5), noise=noise)
+    kw = dict(settings=SamplerSettings(steps=args.steps, start_fraction=str(frac), guidance_scale=DEFAULTS.guidance_scale), noise=noise)
     variants = {
         # what we ship: encoder shared by the cond/null pair, null SPADEs from a 3x3 evaluation,
         # label-map SPADE modulations computed at the first step and reused
@@ -147,7 +147,7 @@ def cpu_benchmark(args) -> dict:
         "ours_no_label_cache": lambda: diffmix_sample(model, y0, cond, label_cache=False, **kw),
         # the generic path any callable gets: one batched 2B forward per step, SDPA attention
         "batched_forward": lambda: diffmix_sample(lambda x, t, y: model(x, t, y), y0, cond, **kw),
-        "reference": lambda: reference_sample(ref, y0, cond, noise, args.steps, frac, 1.5),
+        "reference": lambda: reference_sample(ref, y0, cond, noise, args.steps, frac, DEFAULTS.guidance_scale),
     }
     best = {name: float("inf") for name in variants}
     outs: dict[str, torch.Tensor] = {}

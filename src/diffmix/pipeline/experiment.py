@@ -112,9 +112,11 @@ class SynthStage(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_default_solver(self, handler: Any) -> dict[str, Any]:
         # config.yaml (the run identity) names solver, passes and spacing only when set, so
-        # experiment folders made before they existed still resume
+        # experiment folders made before they existed still resume. "ddim" is written out,
+        # not SAMPLER.solver: every folder without the key was made with DDIM, whatever the
+        # default becomes.
         data = handler(self)
-        if data.get("solver") == SAMPLER.solver:
+        if data.get("solver") == "ddim":
             data.pop("solver")
         for name in ("passes", "spacing"):
             if data.get(name) is None:

@@ -449,23 +449,6 @@ def train_sdm(
     return TrainResult(out=out, step=max(start, cfg.total_steps), checkpoint=final, model=model, ema=ema)
 
 
-def load_trained_unet(
-    path: str | Path, device: str | torch.device = "cpu", weights: Literal["ema", "model"] = "ema"
-) -> tuple[UNetModel, UNetConfig, dict[str, Any]]:
-    """A U-Net from a `diffmix sdm train` checkpoint, in eval mode: (model, config, meta).
-
-    spec 3: sampling uses the EMA weights; `weights="model"` gives the raw ones (useful while
-    the 0.9999 EMA still holds mostly the initial weights). Reads only those tensors.
-    """
-    from diffmix.sdm.convert import load_unet
-
-    _, meta = load_checkpoint(path, only=[])
-    if "train_config" not in meta:
-        raise CheckpointError(f"{path}: not a diffmix SDM training checkpoint")
-    model, config = load_unet(path, device, weights)
-    return model, config, meta
-
-
 __all__ = [
     "SDMTrainConfig",
     "TrainResult",
@@ -477,5 +460,4 @@ __all__ = [
     "ema_rate_at",
     "sample_grid",
     "label_rgb",
-    "load_trained_unet",
 ]
