@@ -24,6 +24,7 @@ from diffmix.sdm.solvers import (
     _lambda,
     _unipc_update,
     data_prediction,
+    ddim_step,
     logsnr_uniform_schedule,
     noised_start,
     partial_start,
@@ -199,6 +200,20 @@ def test_unipc_corrector_is_exact_for_data_predictions_linear_in_lambda():
     integral = c0 * (1 - math.exp(-h)) + c1 * (ls * (1 - math.exp(-h)) + h - 1 + math.exp(-h))
     exact = math.sqrt((1 - a_t) / (1 - a_s)) * x_s + math.sqrt(a_t) * integral
     torch.testing.assert_close(got, exact, atol=1e-12, rtol=0)
+
+
+def test_ddim_step_by_hand():
+    """spec 4 steps 3-5 on numbers: abar 0.25 -> 0.64, so sqrt = 0.5 -> 0.8, sqrt(1 - abar') = 0.6."""
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    # unclipped: x0 = (0.5 - sqrt(0.75) 0.2) / 0.5, eps comes back unchanged, x' = 0.8 x0 + 0.6 eps
+    x0 = (0.5 - math.sqrt(0.75) * 0.2) / 0.5
+    assert ddim_step(t(0.5), t(0.2), 0.25, 0.64).item() == pytest.approx(0.8 * x0 + 0.6 * 0.2, abs=1e-15)
+    # clipped: x0 = 2.67 -> 1, eps re-derived from the clipped x0: (0.9 / 0.5 - 1) / sqrt(3)
+    assert ddim_step(t(0.9), t(-0.5), 0.25, 0.64).item() == pytest.approx(0.8 + 0.6 * 0.8 / math.sqrt(3), abs=1e-15)
+    # the last step (abar' = 1) returns x0 itself; step noise adds sigma * z
+    assert ddim_step(t(0.9), t(-0.5), 0.25, 1.0).item() == 1.0
+    assert ddim_step(t(0.5), t(0.2), 0.25, 0.64, sigma=0.3, noise=t(2.0)).item() == pytest.approx(
+        0.8 * x0 + math.sqrt(0.36 - 0.09) * 0.2 + 0.6, abs=1e-15)
 
 
 def test_data_prediction_is_clipped():

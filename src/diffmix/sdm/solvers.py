@@ -178,30 +178,44 @@ def _lambda(abar: float) -> float:
 # ------------------------------------------------------------------------------------ DDIM
 
 
-def sample_ddim(
-    denoiser: Denoiser, x: Tensor, schedule: Schedule, *, eta: float = 0.0, generator: torch.Generator | None = None
-) -> Tensor:
-    """DDIM (spec 4 steps 3-5): x0 clipped, eps re-derived from the clipped x0, then
-    x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps + sigma z with
-    sigma = eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar'); the last step (to
-    abar' = 1) returns x0. Step noise z comes from `generator` (CPU when None).
+def ddim_sigma(a: float, a_prev: float, eta: float) -> float:
+    """DDIM's step noise scale eta sqrt((1 - abar') / (1 - abar)) sqrt(1 - abar / abar')."""
+    return eta * math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.sqrt(1.0 - a / a_prev)
+
+
+def ddim_step(x: Tensor, eps: Tensor, a: float, a_prev: float, *, sigma: float = 0.0,
+              noise: Tensor | None = None) -> Tensor:
+    """One DDIM step from abar = a to abar' = a_prev (spec 4 steps 3-5): x0 clipped, eps
+    re-derived from the clipped x0, x' = sqrt(abar') x0 + sqrt(1 - abar' - sigma^2) eps, plus
+    sigma * noise when noise is given. To abar' = 1 it returns x0.
 
     The operations and their order are the official ones, so results match its sampler bit
     for bit on the same inputs (scalars are float64 Python floats, as guided-diffusion's numpy).
     """
+    x0 = data_prediction(x, eps, a)
+    eps = (x / math.sqrt(a) - x0) / math.sqrt(1.0 / a - 1.0)
+    x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
+    if noise is not None:
+        x = x + sigma * noise.to(x.device)
+    return x
+
+
+def sample_ddim(
+    denoiser: Denoiser, x: Tensor, schedule: Schedule, *, eta: float = 0.0, generator: torch.Generator | None = None
+) -> Tensor:
+    """DDIM over a schedule: one `ddim_step` per point, step noise (eta > 0) drawn from
+    `generator` (CPU when None) at every step but the last, as the official sampler does."""
     acp = schedule.alphas_cumprod
     last = len(schedule) - 1
     for k, t in enumerate(schedule.timesteps):
         a, a_prev = acp[k], acp[k + 1]
         eps = denoiser(x, t)
-        x0 = data_prediction(x, eps, a)
-        eps = (x / math.sqrt(a) - x0) / math.sqrt(1.0 / a - 1.0)
-        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a)) * math.sqrt(1.0 - a / a_prev)
-        x = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - sigma**2, 0.0)) * eps
+        sigma = ddim_sigma(a, a_prev, eta)
+        z = None
         if sigma > 0 and k < last:
             device = "cpu" if generator is None else generator.device
             z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
-            x = x + sigma * z.to(x.device)
+        x = ddim_step(x, eps, a, a_prev, sigma=sigma, noise=z)
     return x
 
 
@@ -214,8 +228,11 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: Schedule) -> Tensor
     From s to t with h = lambda_t - lambda_s:
     x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D, where D = x0_s on the first step
     and D = (1 + 1/(2r)) x0_s - 1/(2r) x0_prev with r = h_prev / h after it (the data
-    prediction extrapolated linearly in lambda to the middle of the step). The final step to
-    clean data (lambda = inf) returns x0 at t = 0, as DDIM does.
+    prediction extrapolated linearly in lambda to the middle of the step). The step into the
+    last noisy point (t = 0) is first order ("lower order final", as DPM-Solver++ and diffusers
+    do for short schedules): lambda(0) lies far beyond its neighbours (linear betas: 4.6 vs 2.9
+    at t = 10), so r = h_prev / h is small there and the extrapolation would amplify errors.
+    The final step to clean data (lambda = inf) returns x0 at t = 0, as DDIM does.
     """
     acp = schedule.alphas_cumprod
     last = len(schedule) - 1
@@ -227,8 +244,8 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: Schedule) -> Tensor
         if k == last:
             return x0
         h = _lambda(a_next) - _lambda(a)
-        # (1 + 1/(2r)) x0 - 1/(2r) prev with 1/(2r) = h / (2 h_prev)
-        d = x0 if prev is None else x0 + (0.5 * h / h_prev) * (x0 - prev)
+        # (1 + 1/(2r)) x0 - 1/(2r) prev with 1/(2r) = h / (2 h_prev); first order into t = 0
+        d = x0 if prev is None or k == last - 1 else x0 + (0.5 * h / h_prev) * (x0 - prev)
         x = math.sqrt((1.0 - a_next) / (1.0 - a)) * x - math.sqrt(a_next) * math.expm1(-h) * d
         prev, h_prev = x0, h
     return x
@@ -245,7 +262,7 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, schedule: Schedule) -> Tensor:
     base = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) x0_s (the DDIM / first-order step);
     predictor UniP-2: x_t = base - alpha_t B(h) * 1/2 * D_p, D_p = (x0_p - x0_s) / r_p,
     r_p = (lambda_p - lambda_s) / h (UniP-1 = base on the first step; UniP-2 equals
-    DPM-Solver++(2M)). After the next call gives x0_t at that x_t, the corrector UniC replaces
+    DPM-Solver++(2M); first order into t = 0, as there). After the next call gives x0_t at that x_t, the corrector UniC replaces
     x_t by base - alpha_t B(h) (rho_p D_p + rho_t (x0_t - x0_s)), rho from the order conditions
     [1 1; r_p 1] rho = [b_1, b_2] (rho_t = 1/2 at first order). x0_t is not recomputed (no
     extra call); the last point's correction is moot, since the final step returns x0 at t = 0.
@@ -265,8 +282,9 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, schedule: Schedule) -> Tensor:
         a_next = acp[k + 1]
         lam, lam_next = _lambda(a), _lambda(a_next)
         h = lam_next - lam
-        r_p = (lam_prev - lam) / h if x0_prev is not None else None
-        step = (x, x0, x0_prev, r_p, h, a, a_next)
+        second = x0_prev is not None and k < last - 1  # lower order final, as DPM-Solver++(2M)
+        r_p = (lam_prev - lam) / h if second else None
+        step = (x, x0, x0_prev if second else None, r_p, h, a, a_next)
         x = _unipc_update(*step, x0_t=None)
         x0_prev, lam_prev = x0, lam
     return x
