@@ -421,3 +421,39 @@ def test_patch_results_do_not_depend_on_batching(toy_dir, random_ckpt, tmp_path)
         np.testing.assert_array_equal(runs["eta_b3"][n], runs["eta_b1"][n])
         assert not np.array_equal(runs["eta_b3"][n], runs["b3"][n])  # eta adds step noise
     _assert_same_patches(tmp_path / "eta_b3", tmp_path / "eta_b1")
+
+
+def test_own_maps_resynthesise_each_image_under_its_own_labels(toy_dir, random_ckpt, tmp_path):
+    """Map kind "own": grid patches keep their original labels (ids renumbered per patch); with
+    patch=None whole images keep theirs, ids and all, and are named after the image (sdm sample)."""
+    ds = read_dataset(toy_dir)
+    rep = synthesize(toy_dir, random_ckpt, tmp_path / "grid", maps="own", max_patches=4, **FAST)
+    assert rep.class_counts_before["own"] == rep.class_counts_after["own"] and rep.n_written == 4
+    synth = read_dataset(tmp_path / "grid")
+    for j in plan_jobs(ds, "own", patch=32, stride=32, max_patches=4):
+        orig = crop(ds.samples[j.image_index], *j.offset, 32)
+        got = synth.by_name(j.name)
+        np.testing.assert_array_equal(got.inst_map, orig.inst_map)
+        np.testing.assert_array_equal(got.type_map, orig.type_map)
+        assert not np.array_equal(got.image, orig.image)
+    whole = synthesize(toy_dir, random_ckpt, tmp_path / "whole", maps="own", patch=None, batch_size=2,
+                       **{k: v for k, v in FAST.items() if k not in ("patch", "stride")})
+    assert whole.n_written == len(ds)
+    synth = read_dataset(tmp_path / "whole")
+    assert synth.names == ds.names
+    for got, orig in zip(synth, ds):
+        np.testing.assert_array_equal(got.inst_map, orig.inst_map)  # not renumbered: nothing was cut
+    manifest = json.loads((tmp_path / "whole" / MANIFEST).read_text())
+    assert manifest["config"]["patch"] is None and manifest["patches"][0]["size"] == [96, 96]
+    assert manifest["patches"][0]["seed"] == patch_seed(0, "toy_000", 0, "own")
+
+
+def test_batches_of_whole_images_share_one_size():
+    from diffmix.synth import PatchJob, _chunks
+
+    def job(name, size):
+        return PatchJob(name, name, 0, 0, (0, 0), "own", 0, size, True)
+
+    jobs = [job("a", (32, 32)), job("b", (32, 32)), job("c", (64, 32)), job("d", (32, 32)), job("e", (32, 32)),
+            job("f", (32, 32))]
+    assert [[j.name for j in c] for c in _chunks(jobs, 2)] == [["a", "b"], ["c"], ["d", "e"], ["f"]]
