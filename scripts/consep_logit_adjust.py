@@ -25,8 +25,9 @@ for config, out in zip(args[::2], args[1::2]):
     names = fold_splits(train.names, exp.cfg.folds, exp.cfg.seed)[0]
     prior = mix_type_prior([Source(exp.original_patches(names))], train.scheme.num_classes, 0)
     for run in sorted((Path(out) / "seg" / "baseline").iterdir()):
-        if not (run / FINAL_NAME).is_file():
-            continue
+        plain_path = Path(out) / "eval" / "baseline" / f"{run.name}.json"
+        if not (run / FINAL_NAME).is_file() or not plain_path.is_file():
+            continue  # still training or being evaluated
         path = Path(out) / "eval-la" / "baseline" / f"{run.name}.json"
         if not path.exists():
             model, _ = load_segmenter(run / FINAL_NAME)
@@ -39,7 +40,7 @@ for config, out in zip(args[::2], args[1::2]):
                                       names=test.names)
             result["logit_adjust"] = {"tau": TAU, "prior": prior}
             write_json(path, result)
-        plain = json.loads((Path(out) / "eval" / "baseline" / f"{run.name}.json").read_text())
+        plain = json.loads(plain_path.read_text())
         adj = json.loads(path.read_text())
         print(json.dumps({"config": config, "run": run.name,
                           "plain": {"f_misc": plain["type"]["f1"]["1"], "pq": plain["mean"]["pq"]},
