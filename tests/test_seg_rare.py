@@ -139,3 +139,33 @@ def test_prior_adjusted_type_probabilities_by_hand():
     inst = np.ones((1, 1), np.int32)
     assert instance_types(inst, tp)[0][0, 0] == 1
     assert instance_types(inst, out)[0][0, 0] == 2
+
+
+def test_checkpoint_records_its_type_prior_and_seg_infer_adjusts_with_it(four, tmp_path):
+    import subprocess
+    import sys
+
+    from diffmix.data.io import write_dataset
+    from diffmix.runs import load_checkpoint, save_checkpoint
+
+    final = train_segmenter(four, tmp_path / "run", TINY, progress=False, num_threads=1)
+    state, meta = load_checkpoint(final)
+    pixels = sum(np.bincount(s.type_map.ravel(), minlength=5) for s in four)
+    assert meta["type_prior"] == pytest.approx((pixels / pixels.sum()).tolist())
+    images = write_dataset(tmp_path / "data", four.samples, SCHEME)
+
+    def infer(ckpt, out, *extra):
+        return subprocess.run([sys.executable, "-m", "diffmix", "seg", "infer", str(ckpt), str(images), str(out),
+                               "--no-progress", *extra], capture_output=True, text=True)
+
+    done = infer(final, tmp_path / "adj", "--logit-adjust", "1")
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((tmp_path / "adj" / "config.yaml").read_text())["logit_adjust"] == 1.0
+    assert infer(final, tmp_path / "neg", "--logit-adjust", "-1").returncode == 2
+    # a checkpoint written before the prior was recorded: a one-line error, no folder
+    old = tmp_path / "old.safetensors"
+    save_checkpoint(old, state, {k: v for k, v in meta.items() if k != "type_prior"})
+    failed = infer(old, tmp_path / "old-out", "--logit-adjust", "1")
+    assert failed.returncode != 0 and "no type prior recorded" in failed.stderr
+    assert "Traceback" not in failed.stderr and not (tmp_path / "old-out").exists()
+    assert infer(old, tmp_path / "old-plain").returncode == 0  # without adjustment it still works

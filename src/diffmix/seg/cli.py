@@ -110,6 +110,11 @@ def register(app: typer.Typer) -> None:
         overlap: Optional[int] = typer.Option(None, help="Output pixels shared by neighbouring tiles."),
         batch_size: int = typer.Option(4, help="Tiles per forward pass."),
         device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+        logit_adjust: float = typer.Option(
+            0.0, "--logit-adjust", min=0.0,
+            help="Post-hoc logit adjustment tau: divide the type probabilities by the training mix's "
+            "class prior ** tau (1 = balanced-error rule; 0 = off, the official vote).",
+        ),
         progress: bool = typer.Option(True, help="Show a progress bar."),
     ) -> None:
         """Tiled inference + the checkpoint network's post-processing (HoVer-Net or SONNET); writes what
@@ -119,7 +124,8 @@ def register(app: typer.Typer) -> None:
 
         check_output_folder(out)
         summary = infer_folder(
-            ckpt, images, out, tile=tile, overlap=overlap, batch_size=batch_size, device=device, progress=progress
+            ckpt, images, out, tile=tile, overlap=overlap, batch_size=batch_size, device=device,
+            logit_adjust=logit_adjust, progress=progress,
         )
         typer.echo(
             f"{summary.get('done', 0)} image(s) segmented, {summary.get('skipped', 0)} already done, "

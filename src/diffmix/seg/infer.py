@@ -381,6 +381,8 @@ def infer_images(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     keep_unmarked: bool = False,
+    type_prior: Sequence[float] | None = None,
+    logit_adjust: float = 0.0,
     run_config: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -399,6 +401,7 @@ def infer_images(
         "tile": tile,
         "overlap": overlap,
         "keep_unmarked": keep_unmarked,
+        **({"logit_adjust": logit_adjust} if logit_adjust else {}),
         **(run_config or {}),
     }
     out, _ = prepare_run_folder(out, config, kind="seg-infer")
@@ -422,6 +425,8 @@ def infer_images(
             batch_size=batch_size,
             device=device,
             keep_unmarked=keep_unmarked,
+            type_prior=type_prior,
+            logit_adjust=logit_adjust,
         )
         # the overlay is written last: an image counts as done only when both files exist
         write_mat_labels(mat_path, inst_map, type_map)
@@ -448,6 +453,7 @@ def infer_folder(
     batch_size: int = 4,
     device: str = "cpu",
     keep_unmarked: bool = False,
+    logit_adjust: float = 0.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Segment and classify the nuclei of every image in a folder (`diffmix seg infer`).
@@ -461,6 +467,8 @@ def infer_folder(
     tile, overlap, batch_size, device: see `predict_image`; batch_size and device do not
         change the result, so they may differ between a run and its resumption.
     keep_unmarked: see `postproc.process_np_hv` (False = hover_net, and SONNET's official rule).
+    logit_adjust: tau of post-hoc logit adjustment (`postproc.prior_adjusted`) with the type
+        prior the checkpoint records from its training mix; 0 = off (the official rule).
     The post-processing is the checkpoint's network's: HoVer-Net's or SONNET's.
     Returns a summary {"out", "images", "done", "skipped", "nuclei"}.
     """
@@ -473,6 +481,11 @@ def infer_folder(
 
     device = resolve_device(device)
     model, meta = load_segmenter(ckpt, device=device)
+    if logit_adjust < 0:
+        raise ConfigError(f"logit_adjust must be >= 0, got {logit_adjust}")
+    if logit_adjust and "type_prior" not in meta:
+        raise CheckpointError(f"{ckpt}: no type prior recorded (trained before diffmix recorded it); "
+                              "logit adjustment needs it")
     return infer_images(
         model,
         images,
@@ -482,6 +495,8 @@ def infer_folder(
         batch_size=batch_size,
         device=device,
         keep_unmarked=keep_unmarked,
+        type_prior=meta.get("type_prior"),
+        logit_adjust=logit_adjust,
         run_config={"ckpt": str(ckpt.resolve()), "preset": meta.get("preset")},
         progress=progress,
     )

@@ -416,6 +416,8 @@ def train_segmenter(
         "class_names": {int(k): v for k, v in sources[0].dataset.scheme.classes.items()},
         "patch_size": patch_size,
         "crop_margin": margin,
+        # what the network's type head learns as its prior; `seg infer --logit-adjust` divides it out
+        "type_prior": mix_type_prior(sources, num_classes, cfg.seed),
     }
     final_path = out / FINAL_NAME
 
