@@ -132,6 +132,9 @@ def w(tmp_path_factory) -> dict[str, Path]:
         "exp_sdm_typo": {"sdm": {"preset": str(p["sdm_yaml"]), "overrides": {"phase1_stepz": 3}}},
         "exp_balance_typo": {"synthesis": {**exp["synthesis"], "balance": {"fractoin": 0.5}}},
         "exp_bad_start": {"synthesis": {**exp["synthesis"], "start_fraction": "1.5"}},
+        "exp_unknown_network": {"downstream": ["hovernet", "sonet"]},
+        "exp_network_not_sonnet": {"downstream": ["hovernet", "sonnet"],
+                                   "seg": {"preset": str(seg_yaml), "networks": {"sonnet": {"preset": str(seg_yaml)}}}},
     }
     for key, change in mistakes.items():
         p[key] = root / f"{key}.yaml"
@@ -287,6 +290,10 @@ CASES = [
     Case("experiment-sdm-typo", "experiment {exp_sdm_typo} {out} --quiet", ("phase1_stepz",)),
     Case("experiment-balance-typo", "experiment {exp_balance_typo} {out} --quiet", ("fractoin",)),
     Case("experiment-bad-start-fraction", "experiment {exp_bad_start} {out} --quiet", ("start_fraction",)),
+    Case("experiment-unknown-network", "experiment {exp_unknown_network} {out} --quiet",
+         ("'sonet'", "known: hovernet, sonnet")),
+    Case("experiment-network-not-sonnet", "experiment {exp_network_not_sonnet} {out} --quiet",
+         ("seg.networks.sonnet", "which is not SONNET")),
     Case("experiment-bad-device", "experiment {exp_seg_typo} {out} --quiet --device gpu0", ("gpu0",)),
     Case("demo-bad-device", "demo --out {out} --quiet --device gpu0", ("gpu0",)),
 ]

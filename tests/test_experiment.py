@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from diffmix.config import build_config
+from diffmix.config import build_config, dump_config
 from diffmix.data.schemes import CONSEP
 from diffmix.errors import ConfigError, RunFolderError
-from diffmix.pipeline.experiment import ARMS, ExperimentConfig, arm_epochs, fold_splits, load_experiment_config
+from diffmix.pipeline.experiment import (
+    ARMS,
+    ExperimentConfig,
+    arm_epochs,
+    arm_seg_config,
+    fold_splits,
+    load_experiment_config,
+    split_epochs,
+)
 from diffmix.pipeline.report import best_per_column, summarise, table1_markdown
 
 MICRO = {
@@ -90,8 +98,10 @@ def test_micro_experiment_all_arms(tmp_path: Path) -> None:
     cfg = ExperimentConfig.model_validate(MICRO)
     out = tmp_path / "exp"
     results, paths = run_experiment(cfg, out, device="cpu", progress=False)
-    assert list(results["arms"]) == list(ARMS)
-    for arm, r in results["arms"].items():
+    assert results["downstream"] == ["hovernet"] and list(results["networks"]) == ["hovernet"]
+    block = results["networks"]["hovernet"]
+    assert list(block["arms"]) == list(ARMS)
+    for arm, r in block["arms"].items():
         assert len(r["folds"]) == 2
         for key in ("dice", "aji", "dq", "sq", "pq", "acc", "f1_1", "f1_2", "f1_3", "f1_4"):
             assert 0.0 <= r["summary"]["mean"][key] <= 1.0, (arm, key)
@@ -99,13 +109,15 @@ def test_micro_experiment_all_arms(tmp_path: Path) -> None:
     # every synthetic pool is cut at the same 6 grid positions (GradMix included)
     pools = {k: sorted(p.name for p in (out / "synth" / k / "Labels").iterdir()) for k in ("balance", "enlarge", "gradmix")}
     assert len(pools["gradmix"]) == 6 and pools["gradmix"] == pools["balance"] == pools["enlarge"]
-    # two seeds of one fold: separate runs with their own training seed
+    # two seeds of one fold: separate runs with their own training seed; HoVer-Net alone keeps
+    # the folder layout it had before `downstream` existed (seg/<arm>, eval/<arm>)
     assert sorted(p.name for p in (out / "seg" / "baseline").iterdir()) == ["fold0-seed0", "fold0-seed1"]
-    iv = results["intervals"]
+    assert (out / "eval" / "baseline" / "fold0-seed1.json").is_file()
+    iv = block["intervals"]
     assert iv["n_runs"] == 2 and iv["metrics"] == ["f1_1", "pq"]
     assert set(iv["differences"]) == {"diffmix - baseline", "diffmix - gradmix", "diffmix_b - baseline", "gradmix - baseline"}
     d = iv["differences"]["diffmix - baseline"]["pq"]
-    means = {a: results["arms"][a]["summary"]["mean"]["pq"] for a in ("diffmix", "baseline")}
+    means = {a: block["arms"][a]["summary"]["mean"]["pq"] for a in ("diffmix", "baseline")}
     assert d["estimate"] == pytest.approx(means["diffmix"] - means["baseline"])
     assert d["low"] <= d["estimate"] <= d["high"]
     assert list(results["utility"]["arms"]) == ["real", "real, class-balanced", "real + DiffMix-B",
@@ -125,7 +137,130 @@ def test_micro_experiment_all_arms(tmp_path: Path) -> None:
     # A re-run finds every stage cached: nothing is recomputed and the numbers are the same.
     again, _ = run_experiment(cfg, out, device="cpu", progress=False)
     assert (out / "stages.jsonl").read_text() == stages
-    assert json.dumps(again["arms"], sort_keys=True) == json.dumps(results["arms"], sort_keys=True)
+    assert json.dumps(again["networks"], sort_keys=True) == json.dumps(results["networks"], sort_keys=True)
     other = ExperimentConfig.model_validate({**MICRO, "seed": 1})
     with pytest.raises(RunFolderError, match="different run"):
         run_experiment(other, out, device="cpu", progress=False)
+
+
+#: Two downstream networks on the micro toy data (issue 14 item 3): the small HoVer-style net and
+#: a narrow SONNET, baseline and GradMix arms only (no SDM to train), one fold, one seed.
+TWO_NETWORKS = {
+    **{k: v for k, v in MICRO.items() if k not in ("utility", "seeds", "epochs", "sdm")},
+    "name": "two-networks",
+    "seeds": 1,
+    "arms": ["baseline", "gradmix"],
+    "epochs": {"baseline": 2, "gradmix": 1},
+    "downstream": ["hovernet", "sonnet"],
+    "seg": {**MICRO["seg"], "networks": {"sonnet": {
+        "preset": "sonnet-cpu-tiny",
+        # SONNET's 50/25/25-style phases of the preset (1/4/1) are stretched to the arm's epochs
+        "overrides": {"samples_per_epoch": 4, "batch_size": 2, "batch_size_phase2": 2},
+        "epochs": {"baseline": 6, "gradmix": 3},
+        "infer_overlap": 0,
+    }}},
+}
+
+
+def test_split_epochs_keeps_the_presets_proportions() -> None:
+    assert split_epochs(100, [50, 25, 25]) == [50, 25, 25]
+    assert split_epochs(75, [50, 25, 25]) == [37, 19, 19]  # 37.5/18.75/18.75: remainders .75 first
+    assert split_epochs(50, [50, 25, 25]) == [25, 13, 12]  # a tie goes to the earlier phase
+    assert split_epochs(6, [1, 4, 1]) == [1, 4, 1] and split_epochs(3, [1, 4, 1]) == [1, 2, 0]
+    assert all(sum(split_epochs(t, [50, 25, 25])) == t for t in range(0, 130))
+    with pytest.raises(ConfigError, match="no epochs"):
+        split_epochs(10, [0, 0])
+    # SONNET's lr step (1e-5 after epoch 25 of 50) stays at half of the stretched phase 1
+    cfg = arm_seg_config("sonnet", {}, 50, seed=4)
+    assert [(p.epochs, p.lr_step_epochs, p.batch_size) for p in cfg.phases] == [(25, 12, 8), (13, None, 4), (12, None, 4)]
+    assert cfg.seed == 4 and cfg.phases[2].self_guided
+    # HoVer-Net keeps its half / half shorthand (its run identities do not change)
+    hover = arm_seg_config("hovernet-fast", {}, 75, seed=0)
+    assert (hover.phase1_epochs, hover.phase2_epochs, hover.phases) == (37, 38, None)
+
+
+def test_downstream_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"unknown downstream network\(s\) \['unet'\]; known: hovernet, sonnet"):
+        build_config(ExperimentConfig, "experiment", None, {**MICRO, "downstream": ["hovernet", "unet"]})
+    with pytest.raises(ConfigError, match="downstream lists a network twice"):
+        build_config(ExperimentConfig, "experiment", None, {**MICRO, "downstream": ["sonnet", "sonnet"]})
+    with pytest.raises(ConfigError, match="unknown network 'sonet' in seg.networks; known: hovernet, sonnet"):
+        build_config(ExperimentConfig, "experiment", None, {**MICRO, "seg": {"networks": {"sonet": {"preset": "sonnet"}}}})
+    with pytest.raises(ConfigError, match="seg.preset / seg.overrides, not seg.networks.hovernet"):
+        build_config(ExperimentConfig, "experiment", None, {**MICRO, "seg": {"networks": {"hovernet": {"preset": "cpu-tiny"}}}})
+    with pytest.raises(ConfigError, match="infer_overlap must be even"):
+        build_config(ExperimentConfig, "experiment", None, {**TWO_NETWORKS, "seg": {"networks": {"sonnet": {
+            "preset": "sonnet-cpu-tiny", "infer_overlap": 3}}}})
+    with pytest.raises(ConfigError, match=r"seg.networks.sonnet.epochs has no entry for arms \['gradmix'\]"):
+        build_config(ExperimentConfig, "experiment", None, {**TWO_NETWORKS, "seg": {"networks": {"sonnet": {
+            "preset": "sonnet-cpu-tiny", "epochs": {"baseline": 2}}}}})
+    # the default (HoVer-Net alone) is left out of config.yaml: older run folders keep their identity
+    assert "downstream" not in dump_config(ExperimentConfig.model_validate(MICRO))
+    assert "networks" not in dump_config(ExperimentConfig.model_validate(MICRO))["seg"]
+    assert dump_config(ExperimentConfig.model_validate(TWO_NETWORKS))["downstream"] == ["hovernet", "sonnet"]
+    two = ExperimentConfig.model_validate({**TWO_NETWORKS, "seg": MICRO["seg"]})
+    assert two.network("sonnet").preset == "sonnet"  # a network without an entry: its paper preset
+
+
+def test_two_networks_end_to_end_with_one_table_block_each(tmp_path: Path) -> None:
+    """`downstream: [hovernet, sonnet]` on toy data: each network is trained and evaluated per
+    arm in its own folders, results.json holds both, and the report prints two Table 1 blocks
+    and two interval tables. Inputs are checked before anything is written: a SONNET entry
+    whose preset is not a SONNET is refused."""
+    from diffmix.pipeline.experiment import run_experiment
+
+    out = tmp_path / "exp"
+    wrong = ExperimentConfig.model_validate({**TWO_NETWORKS, "seg": {**TWO_NETWORKS["seg"],
+                                              "networks": {"sonnet": {"preset": "cpu-tiny"}}}})
+    with pytest.raises(ConfigError, match="seg.networks.sonnet: preset 'cpu-tiny' builds a 'small' network, which is not SONNET"):
+        run_experiment(wrong, out, device="cpu", progress=False)
+    assert not out.exists()
+
+    cfg = ExperimentConfig.model_validate(TWO_NETWORKS)
+    results, paths = run_experiment(cfg, out, device="cpu", progress=False)
+    assert results["downstream"] == ["hovernet", "sonnet"] and list(results["networks"]) == ["hovernet", "sonnet"]
+    for name, block in results["networks"].items():
+        assert list(block["arms"]) == ["baseline", "gradmix"]
+        for r in block["arms"].values():
+            assert len(r["folds"]) == 1 and 0.0 <= r["summary"]["mean"]["pq"] <= 1.0
+        assert set(block["intervals"]["differences"]) == {"gradmix - baseline"}
+        for arm in ("baseline", "gradmix"):
+            assert (out / "seg" / name / arm / "fold0" / "final.safetensors").is_file()
+            assert (out / "eval" / name / arm / "fold0.json").is_file()
+    assert results["networks"]["sonnet"]["preset"] == "sonnet-cpu-tiny"
+    # the SONNET runs trained their own schedule: the preset's 1/4/1 phases stretched to 6 and 3 epochs
+    import yaml
+
+    for arm, epochs in (("baseline", [1, 4, 1]), ("gradmix", [1, 2, 0])):
+        run = yaml.safe_load((out / "seg" / "sonnet" / arm / "fold0" / "config.yaml").read_text())
+        assert run["config"]["model"]["arch"] == "sonnet"
+        assert [p["epochs"] for p in run["config"]["phases"]] == epochs
+    hover = yaml.safe_load((out / "seg" / "hovernet" / "baseline" / "fold0" / "config.yaml").read_text())
+    assert hover["config"]["model"]["arch"] == "small" and hover["config"]["phase1_epochs"] == 1
+    assert results["fidelity_network"] == "hovernet" and "GradMix" in results["fidelity"]
+
+    saved = json.loads(paths["json"].read_text())
+    assert list(saved["networks"]) == ["hovernet", "sonnet"]
+    md = paths["md"].read_text()
+    table1 = md.split("## Table 1")[1].split("\n## ")[0]
+    assert "### HoVer-Net (preset cpu-tiny)" in table1 and "### SONNET (preset sonnet-cpu-tiny)" in table1
+    assert table1.count("| Baseline |") == 2 and table1.count("| GradMix |") == 2
+    headline = md.split("## Headline")[1].split("\n## ")[0]
+    assert headline.count("GradMix − Baseline") == 2 and "### SONNET (preset sonnet-cpu-tiny)" in headline
+    assert "SONNET (preset sonnet-cpu-tiny), baseline, fold 0" not in md  # fidelity is the first network's
+    assert "HoVer-Net (preset cpu-tiny), baseline, fold 0" in md
+    html = paths["html"].read_text()
+    assert html.count("<h3>HoVer-Net (preset cpu-tiny)</h3><table>") == 2
+    assert html.count("<h3>SONNET (preset sonnet-cpu-tiny)</h3><table>") == 2
+    from diffmix.pipeline.commands import rare_class_summary
+
+    lines = rare_class_summary(results)  # what `diffmix experiment` prints: one part per network
+    heads = [i for i, line in enumerate(lines) if line.endswith("):")]
+    assert [lines[i] for i in heads] == ["HoVer-Net (preset cpu-tiny):", "SONNET (preset sonnet-cpu-tiny):"]
+    assert sum(line.startswith("Baseline ") for line in lines) == 2
+    # a re-run finds both networks' runs cached and reports the same numbers
+    stages = (out / "stages.jsonl").read_text()
+    assert stages.count('"network": "sonnet"') == 4  # 2 arms x (train + eval)
+    again, _ = run_experiment(cfg, out, device="cpu", progress=False)
+    assert (out / "stages.jsonl").read_text() == stages
+    assert json.dumps(again["networks"], sort_keys=True) == json.dumps(results["networks"], sort_keys=True)

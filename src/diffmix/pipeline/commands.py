@@ -13,27 +13,33 @@ from diffmix.pipeline.report import ARM_LABELS
 
 
 def rare_class_summary(results: dict[str, Any]) -> list[str]:
-    """One line per arm: the rare (minor) class F1, mean ± std over folds, and PQ."""
+    """Per downstream network, one line per arm: the rare (minor) class F1, mean ± std over
+    runs, PQ and Acc; then the paired differences with their 95% intervals."""
     from diffmix.data.schemes import ClassScheme
+    from diffmix.pipeline.report import network_blocks
     from diffmix.stats import format_interval
 
     scheme = ClassScheme.from_json(results["scheme"])
     key = f"f1_{scheme.minor_class}"
     lines = []
-    for arm, r in results["arms"].items():
-        m, s = r["summary"]["mean"], r["summary"]["std"]
-        lines.append(
-            f"{ARM_LABELS.get(arm, arm):<10} F {scheme.class_name(scheme.minor_class)} "
-            f"{m.get(key, float('nan')):.3f} ± {s.get(key, 0.0):.3f}   PQ {m['pq']:.3f}   Acc {m['acc']:.3f}"
-        )
-    iv = results.get("intervals", {})
-    for pair, d in iv.get("differences", {}).items():
-        a, b = pair.split(" - ")
-        parts = []
-        for metric in iv["metrics"]:
-            name = "F " + scheme.class_name(scheme.minor_class) if metric.startswith("f1_") else metric.upper()
-            parts.append(f"{name} {format_interval(d[metric], signed=True)}")
-        lines.append(f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}: " + "   ".join(parts) + "  (95% CI)")
+    blocks = network_blocks(results)
+    for title, block in blocks:
+        if len(blocks) > 1:
+            lines.append(f"{title}:")
+        for arm, r in block["arms"].items():
+            m, s = r["summary"]["mean"], r["summary"]["std"]
+            lines.append(
+                f"{ARM_LABELS.get(arm, arm):<10} F {scheme.class_name(scheme.minor_class)} "
+                f"{m.get(key, float('nan')):.3f} ± {s.get(key, 0.0):.3f}   PQ {m['pq']:.3f}   Acc {m['acc']:.3f}"
+            )
+        iv = block.get("intervals") or {}
+        for pair, d in iv.get("differences", {}).items():
+            a, b = pair.split(" - ")
+            parts = []
+            for metric in iv["metrics"]:
+                name = "F " + scheme.class_name(scheme.minor_class) if metric.startswith("f1_") else metric.upper()
+                parts.append(f"{name} {format_interval(d[metric], signed=True)}")
+            lines.append(f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}: " + "   ".join(parts) + "  (95% CI)")
     return lines
 
 

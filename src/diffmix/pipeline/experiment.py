@@ -17,9 +17,10 @@ N original patches and the epochs per arm keep total iterations equal (100 / 75 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
@@ -32,6 +33,9 @@ from diffmix.errors import ConfigError, DataError
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
+
+if TYPE_CHECKING:
+    from diffmix.seg.train import SegTrainConfig
 
 #: What the toy demo can and cannot show (issue 10 item 5), printed and in its report.
 TOY_CAVEAT = (
@@ -124,9 +128,40 @@ class SynthStage(BaseModel):
         return data
 
 
+#: The downstream networks an experiment can train (spec 8, Table 1: HoVer-Net and SONNET).
+#: "hovernet" is the HoVer-Net family (HoVer-Net fast / original, or the small HoVer-style
+#: CPU net): HV maps and hover_net's post-processing; "sonnet" is SONNET (ordinal maps).
+NETWORKS: tuple[str, ...] = ("hovernet", "sonnet")
+NETWORK_LABELS: dict[str, str] = {"hovernet": "HoVer-Net", "sonnet": "SONNET"}
+#: Segmenter preset of a network that `seg.networks` does not configure.
+DEFAULT_NETWORK_PRESETS: dict[str, str] = {"hovernet": "hovernet-fast", "sonnet": "sonnet"}
+
+
+class NetworkStage(BaseModel):
+    """One more downstream network's segmenter (`seg.networks.<name>`): a seg preset with
+    overrides, like HoVer-Net's `seg.preset` / `seg.overrides`."""
+
+    model_config = ConfigDict(extra="forbid")
+    preset: str
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    # Total epochs per arm for this network (None = the experiment's `epochs`): a CPU demo can
+    # give a slow network a fixed `samples_per_epoch` and the same epochs for every arm (equal
+    # optimiser steps per arm, as consep-cpu does), fewer than the other network's.
+    epochs: dict[str, int] | None = None
+    # Output pixels shared by neighbouring inference tiles (even); None = the network's own
+    # (SONNET: keep the centre 40 of each 76-px output, as the official inference; 0 keeps all 76).
+    infer_overlap: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _even_overlap(self) -> "NetworkStage":
+        if self.infer_overlap is not None and self.infer_overlap % 2:
+            raise ValueError(f"infer_overlap must be even (each tile keeps its centre), got {self.infer_overlap}")
+        return self
+
+
 class SegStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    preset: str = "hovernet-fast"
+    preset: str = "hovernet-fast"  # the "hovernet" network's segmenter
     overrides: dict[str, Any] = Field(default_factory=dict)
     patch: int = Field(default=256, ge=8)  # original training patches (HoVer-Net extract_patches)
     stride: int = Field(default=164, ge=1)
@@ -134,6 +169,29 @@ class SegStage(BaseModel):
     # hover_net drops blobs whose marker does not survive the 5x5 opening (nuclei thinner than
     # ~5 px); True keeps each as its own instance (diffmix.seg.postproc). Official: False.
     keep_unmarked: bool = False
+    # Segmenters of the other downstream networks, by name (`NETWORKS`); a network listed in
+    # `downstream` without an entry here uses DEFAULT_NETWORK_PRESETS. Every network trains on
+    # the same original patches (`patch`, `stride`) and synthetic sets: SONNET pads each patch
+    # with mirrored context itself (diffmix.seg.data), as it does the synthetic patches.
+    networks: dict[str, NetworkStage] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_networks(self) -> "SegStage":
+        for name in self.networks:
+            if name == "hovernet":
+                raise ValueError("HoVer-Net's segmenter is seg.preset / seg.overrides, not seg.networks.hovernet")
+            if name not in NETWORKS:
+                raise ValueError(f"unknown network {name!r} in seg.networks; known: {', '.join(NETWORKS)}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_networks(self, handler: Any) -> dict[str, Any]:
+        # Run identity (config.yaml): a HoVer-Net-only experiment dumps what it did before
+        # `networks` existed, so its run folders still resume.
+        data = handler(self)
+        if not data.get("networks"):
+            data.pop("networks", None)
+        return data
 
 
 class UtilityStage(BaseModel):
@@ -172,6 +230,9 @@ class ExperimentConfig(BaseModel):
         default_factory=lambda: {"baseline": 100, "diffmix_b": 75, "diffmix_e": 75, "gradmix": 50, "diffmix": 50}
     )
     seg: SegStage = Field(default_factory=SegStage)
+    # The downstream networks trained for every arm, fold and seed (Table 1 has one block per
+    # network); the first one also scores label fidelity.
+    downstream: list[str] = Field(default_factory=lambda: ["hovernet"], min_length=1)
     fidelity: bool = True
     utility: UtilityStage | None = None
     sample_rows: int = Field(default=3, ge=1)
@@ -186,7 +247,39 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"synthetic_fraction has no entry for arms {missing}")
         if len(set(self.arms)) != len(self.arms):
             raise ValueError("arms are listed twice")
+        unknown = [n for n in self.downstream if n not in NETWORKS]
+        if unknown:
+            raise ValueError(f"unknown downstream network(s) {unknown}; known: {', '.join(NETWORKS)}")
+        if len(set(self.downstream)) != len(self.downstream):
+            raise ValueError("downstream lists a network twice")
+        for name, net in self.seg.networks.items():
+            missing = [a for a in self.arms if net.epochs is not None and a not in net.epochs]
+            if missing:
+                raise ValueError(f"seg.networks.{name}.epochs has no entry for arms {missing}")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_downstream(self, handler: Any) -> dict[str, Any]:
+        # HoVer-Net alone is what every experiment ran before `downstream` existed: leaving the
+        # default out of config.yaml keeps those run folders resumable (same identity).
+        data = handler(self)
+        if data.get("downstream") == ["hovernet"]:
+            data.pop("downstream")
+        return data
+
+    def network(self, name: str) -> NetworkStage:
+        """The segmenter settings of downstream network `name` (HoVer-Net's are seg.preset /
+        seg.overrides; others come from seg.networks or DEFAULT_NETWORK_PRESETS)."""
+        if name == "hovernet":
+            return NetworkStage(preset=self.seg.preset, overrides=self.seg.overrides)
+        if name in self.seg.networks:
+            return self.seg.networks[name]
+        return NetworkStage(preset=DEFAULT_NETWORK_PRESETS[name])
+
+    def network_epochs(self, name: str) -> dict[str, int]:
+        """Total epochs per arm of network `name`."""
+        own = self.network(name).epochs
+        return dict(own) if own is not None else dict(self.epochs)
 
 
 def load_experiment_config(path_or_preset: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
@@ -238,6 +331,55 @@ def arm_epochs(total: int) -> dict[str, int]:
     return {"phase1_epochs": total // 2, "phase2_epochs": total - total // 2}
 
 
+def split_epochs(total: int, proportions: Sequence[int]) -> list[int]:
+    """`total` epochs over phases in proportion to `proportions` (a preset's own phase epochs):
+    floors first, then one more epoch to the largest remainders (ties to the earlier phase).
+    SONNET's 50/25/25 gives 100 -> 50/25/25, 75 -> 37/19/19, 50 -> 25/13/12."""
+    weights = [max(0, int(p)) for p in proportions]
+    if total < 0:
+        raise ConfigError(f"epochs must be >= 0, got {total}")
+    if not weights or sum(weights) == 0:
+        raise ConfigError("the preset's phases have no epochs to take proportions from")
+    exact = [total * w / sum(weights) for w in weights]
+    out = [int(math.floor(x)) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - out[i]), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+#: Overrides that describe a schedule in the two-phase shorthand (`seg.train.resolve_config`).
+_SCHEDULE_KEYS = ("phase1_epochs", "phase2_epochs", "phase3_epochs", "batch_size", "batch_size_phase2")
+
+
+def arm_seg_config(preset: str, overrides: Mapping[str, Any], total: int, seed: int) -> "SegTrainConfig":
+    """The segmenter config of one arm: `preset` + `overrides`, its schedule stretched to
+    `total` epochs, seeded with `seed`.
+
+    A two-phase (HoVer-Net) preset gets `arm_epochs` (half / half, as before phases existed,
+    so HoVer-Net run identities are unchanged). A preset with an explicit `phases` list
+    (SONNET) keeps its phases and their proportions (`split_epochs`), each phase's lr step
+    scaled with it (SONNET's "1e-5 after epoch 25 of 50" stays at half the phase, as
+    HoVer-Net's `lr_step_fraction` does).
+    """
+    from diffmix.seg.train import resolve_config
+
+    first = {**overrides, "seed": seed}
+    base = resolve_config(preset, first, drop_none=False)
+    if base.phases is None:
+        return resolve_config(preset, {**first, **arm_epochs(total)}, drop_none=False)
+    old = [p.epochs for p in base.phases]
+    phases = []
+    for spec, epochs in zip(base.phases, split_epochs(total, old)):
+        row = spec.model_dump()
+        row["epochs"] = epochs
+        if spec.lr_step_epochs is not None and spec.epochs:
+            row["lr_step_epochs"] = max(1, round(spec.lr_step_epochs * epochs / spec.epochs))
+        phases.append(row)
+    rest = {k: v for k, v in first.items() if k not in _SCHEDULE_KEYS}
+    return resolve_config(preset, {**rest, "phases": phases}, drop_none=False)
+
+
 def _subset(dataset: Dataset, keep: Sequence[NucleiSample], label: str) -> Dataset:
     return Dataset(list(keep), dataset.scheme, None, {"subset_of": str(dataset.root), "label": label})
 
@@ -270,7 +412,6 @@ class Experiment:
         and segmenter configs of every arm (a typo would otherwise surface hours in)."""
         from diffmix.data.schemes import CONSEP
         from diffmix.distributed import resolve_device
-        from diffmix.seg.train import SegTrainConfig
         from diffmix.synth import check_map_kwargs
 
         if self.device is not None:
@@ -303,12 +444,23 @@ class Experiment:
         for kind, kwargs in (("balance", s.balance), ("enlarge", s.enlarge)):
             if kind in kinds:
                 check_map_kwargs(kind, kwargs, scheme)
-        for arm in cfg.arms:
-            overrides = {**cfg.seg.overrides, **arm_epochs(cfg.epochs[arm]), "seed": cfg.seed}
-            try:
-                build_config(SegTrainConfig, "seg", cfg.seg.preset, overrides, drop_none=False)
-            except ConfigError as exc:
-                raise ConfigError(f"seg settings of arm {arm}: {exc}") from None
+        for name in cfg.downstream:
+            net = cfg.network(name)
+            where = "seg settings" if name == "hovernet" else f"seg.networks.{name}"
+            for arm in cfg.arms:
+                try:
+                    seg_cfg = arm_seg_config(net.preset, net.overrides, cfg.network_epochs(name)[arm], cfg.seed)
+                except ConfigError as exc:
+                    # the HoVer-Net wording stays as it was (scripts and tests match on it)
+                    label = f"{where} of arm {arm}" if name == "hovernet" else f"{where}, arm {arm}"
+                    raise ConfigError(f"{label}: {exc}") from None
+                is_sonnet = seg_cfg.model.arch == "sonnet"
+                if is_sonnet != (name == "sonnet"):
+                    raise ConfigError(
+                        f"{where}: preset {net.preset!r} builds a {seg_cfg.model.arch!r} network, which is "
+                        f"not {NETWORK_LABELS[name]}" + (" (SONNET presets: sonnet, sonnet-cpu-tiny)" if name == "sonnet"
+                                                         else " (HoVer-style presets: hovernet-fast, hovernet-original, cpu-tiny)")
+                    )
 
     # ---- data
     def _user_datasets(self) -> tuple[Dataset, Dataset]:
@@ -455,11 +607,19 @@ class Experiment:
         """Folder name of one segmenter run: `fold<f>`, or `fold<f>-seed<s>` with several seeds."""
         return f"fold{fold}" if self.cfg.seeds == 1 else f"fold{fold}-seed{seed}"
 
-    def segmenter(self, arm: str, fold: int, fold_names: Sequence[str], seed: int = 0) -> Path:
-        from diffmix.seg.data import Source
-        from diffmix.seg.train import FINAL_NAME, SegTrainConfig, train_segmenter
+    def network_folder(self, stage: str, network: str) -> Path:
+        """`OUT/<stage>` (seg, eval) of one network: `OUT/<stage>/<network>` when the experiment
+        trains anything but HoVer-Net alone; a HoVer-Net-only experiment keeps the layout it had
+        before `downstream` existed (`OUT/seg/<arm>/...`), so its run folders still resume."""
+        if self.cfg.downstream == ["hovernet"]:
+            return self.out / stage
+        return self.out / stage / network
 
-        out = self.out / "seg" / arm / self.run_name(fold, seed)
+    def segmenter(self, arm: str, fold: int, fold_names: Sequence[str], seed: int = 0, network: str = "hovernet") -> Path:
+        from diffmix.seg.data import Source
+        from diffmix.seg.train import FINAL_NAME, train_segmenter
+
+        out = self.network_folder("seg", network) / arm / self.run_name(fold, seed)
         final = out / FINAL_NAME
         if final.exists():
             return final
@@ -477,24 +637,23 @@ class Experiment:
                 if not own:
                     raise DataError(f"no {kind} patches come from the training images of fold {fold}")
                 extra.append(Source(_subset(synth, own, kind), count, kind))
-        overrides = dict(self.cfg.seg.overrides)
-        overrides.update(arm_epochs(self.cfg.epochs[arm]))
+        net = self.cfg.network(network)
         # one seed per (fold, training seed); seed 0 keeps the single-seed rule seed + fold
-        overrides["seed"] = self.cfg.seed + fold + seed * self.cfg.folds
-        cfg = build_config(SegTrainConfig, "seg", self.cfg.seg.preset, overrides, drop_none=False)
+        run_seed = self.cfg.seed + fold + seed * self.cfg.folds
+        cfg = arm_seg_config(net.preset, net.overrides, self.cfg.network_epochs(network)[arm], run_seed)
         t0 = time.perf_counter()
         path = train_segmenter(Source(original, None, "original"), out, cfg, extra=extra,
-                               preset=self.cfg.seg.preset, device=self.device, progress=self.progress)
-        _timed(self.log, "seg", t0, arm=arm, fold=fold, seed=seed, n_original=n,
+                               preset=net.preset, device=self.device, progress=self.progress)
+        _timed(self.log, "seg", t0, network=network, arm=arm, fold=fold, seed=seed, n_original=n,
                n_synthetic={src.label: src.count for src in extra})
         return path
 
-    def evaluation(self, arm: str, fold: int, ckpt: Path, seed: int = 0) -> dict[str, Any]:
+    def evaluation(self, arm: str, fold: int, ckpt: Path, seed: int = 0, network: str = "hovernet") -> dict[str, Any]:
         from diffmix.metrics import evaluate_samples
         from diffmix.seg.infer import segment_image
         from diffmix.seg.models import load_segmenter
 
-        path = self.out / "eval" / arm / f"{self.run_name(fold, seed)}.json"
+        path = self.network_folder("eval", network) / arm / f"{self.run_name(fold, seed)}.json"
         if path.exists():
             cached = json.loads(path.read_text())
             if "type_counts" in cached:  # evaluations before intervals existed lack the counts
@@ -502,15 +661,17 @@ class Experiment:
         _, test = self.datasets()
         t0 = time.perf_counter()
         model, _ = load_segmenter(ckpt, device=self.device or "cpu")
+        overlap = self.cfg.network(network).infer_overlap
         preds = []
         for sample in test:
             inst, types, _ = segment_image(model, sample.image, batch_size=self.cfg.seg.infer_batch_size,
-                                           device=self.device, keep_unmarked=self.cfg.seg.keep_unmarked)
+                                           overlap=overlap, device=self.device,
+                                           keep_unmarked=self.cfg.seg.keep_unmarked)
             preds.append((inst, types))
         result = evaluate_samples([(s.inst_map, s.type_map) for s in test], preds, test.scheme.class_ids,
                                   names=test.names)
         write_json(path, result)
-        _timed(self.log, "eval", t0, arm=arm, fold=fold, seed=seed)
+        _timed(self.log, "eval", t0, network=network, arm=arm, fold=fold, seed=seed)
         return result
 
     def fidelity(self, ckpt: Path) -> dict[str, Any]:
@@ -560,20 +721,29 @@ class Experiment:
 
         train, test = self.datasets()
         splits = fold_splits(train.names, self.cfg.folds, self.cfg.seed)
-        arms: dict[str, Any] = {}
-        evals: dict[str, list[dict[str, Any]]] = {}
-        ckpts: dict[tuple[str, int], Path] = {}
-        for arm in self.cfg.arms:
-            folds = []
-            evals[arm] = []
-            for f, names in enumerate(splits):
-                for s in range(self.cfg.seeds):
-                    ckpt = self.segmenter(arm, f, names, s)
-                    ckpts.setdefault((arm, f), ckpt)
-                    evaluation = self.evaluation(arm, f, ckpt, s)
-                    evals[arm].append(evaluation)
-                    folds.append(fold_row(evaluation))
-            arms[arm] = {"folds": folds, "summary": summarise(folds)}
+        networks: dict[str, Any] = {}
+        baseline_ckpt: Path | None = None
+        for network in self.cfg.downstream:
+            arms: dict[str, Any] = {}
+            evals: dict[str, list[dict[str, Any]]] = {}
+            for arm in self.cfg.arms:
+                folds = []
+                evals[arm] = []
+                for f, names in enumerate(splits):
+                    for s in range(self.cfg.seeds):
+                        ckpt = self.segmenter(arm, f, names, s, network)
+                        if baseline_ckpt is None and arm == "baseline" and f == 0:
+                            baseline_ckpt = ckpt  # the first network's: label fidelity
+                        evaluation = self.evaluation(arm, f, ckpt, s, network)
+                        evals[arm].append(evaluation)
+                        folds.append(fold_row(evaluation))
+                arms[arm] = {"folds": folds, "summary": summarise(folds)}
+            networks[network] = {
+                "label": NETWORK_LABELS[network],
+                "preset": self.cfg.network(network).preset,
+                "arms": arms,
+                "intervals": headline_intervals(evals, train.scheme.class_ids, train.scheme.minor_class),
+            }
         results: dict[str, Any] = {
             "name": self.cfg.name,
             "dataset": str(train.root),
@@ -582,13 +752,14 @@ class Experiment:
             "seeds": self.cfg.seeds,
             "n_train_images": len(train),
             "n_test_images": len(test),
-            "arms": arms,
+            "downstream": list(self.cfg.downstream),
+            "networks": networks,
             "class_counts": self.class_counts(),
             "config": dump_config(self.cfg),
         }
-        if self.cfg.fidelity and "baseline" in self.cfg.arms and any(ARM_SETS[a] for a in self.cfg.arms):
-            results["fidelity"] = self.fidelity(ckpts[("baseline", 0)])
-        results["intervals"] = headline_intervals(evals, train.scheme.class_ids, train.scheme.minor_class)
+        if self.cfg.fidelity and baseline_ckpt is not None and any(ARM_SETS[a] for a in self.cfg.arms):
+            results["fidelity"] = self.fidelity(baseline_ckpt)
+            results["fidelity_network"] = self.cfg.downstream[0]
         if self.cfg.utility is not None and any(ARM_SETS[a] for a in self.cfg.arms):
             results["utility"] = self.utility()
         return results
@@ -627,6 +798,13 @@ def run_experiment(
         "DiffMix-B/E/DiffMix and GradMix add synthetic patches to all original patches; epochs per arm "
         f"{ {a: config.epochs[a] for a in config.arms} } keep total iterations comparable (spec 8).",
     ]
+    for name in config.downstream:
+        if config.network(name).epochs is not None:
+            notes.append(f"{NETWORK_LABELS[name]} trains its own epochs per arm "
+                         f"{ {a: config.network_epochs(name)[a] for a in config.arms} }, in the same ratio.")
+    if "sonnet" in config.downstream:
+        notes.append("SONNET is post-processed as its official code does (ordinal markers, watershed, inner-pixel "
+                     "type vote), with the fixes documented in diffmix.seg.sonnet.postproc.")
     if config.data.toy is not None:
         notes.insert(0, TOY_CAVEAT)
     paths = write_report(exp.out, results, train.scheme, figures, notes)

@@ -2,7 +2,9 @@
 
 Writes `report.md`, a self-contained `report.html` (figures embedded as base64 PNG, also kept
 as files under `figures/`) and `results.json`. Pure presentation: every number comes from the
-`results` dict the experiment measured.
+`results` dict the experiment measured. Table 1 and the headline intervals have one block per
+downstream network (`results["networks"]`, in `results["downstream"]` order), as the paper's
+Table 1 has a HoVer-Net and a SONNET block.
 """
 
 from __future__ import annotations
@@ -80,7 +82,23 @@ def _cell(mean: float | None, std: float | None, n_folds: int) -> str:
     return f"{mean:.3f} ± {std:.3f}" if n_folds > 1 else f"{mean:.3f}"
 
 
+def network_blocks(results: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(title, block) of every downstream network in the results, in the experiment's order;
+    a block holds that network's "arms" (per-run rows and summary) and "intervals"."""
+    nets = results.get("networks") or {}
+    order = list(results.get("downstream") or nets)
+    return [(network_title(name, nets[name]), nets[name]) for name in order if name in nets]
+
+
+def network_title(name: str, block: Mapping[str, Any]) -> str:
+    """"HoVer-Net (preset cpu-tiny)": the network and the segmenter preset it was trained with
+    (a CPU preset is a small stand-in, which the reader must see)."""
+    label = block.get("label", name)
+    return f"{label} (preset {block['preset']})" if block.get("preset") else str(label)
+
+
 def table1_markdown(results: Mapping[str, Any], scheme: ClassScheme) -> str:
+    """Table 1 of one network: `results` is its block (or anything with "arms")."""
     cols = table_columns(scheme)
     summary = {arm: r["summary"] for arm, r in results["arms"].items()}
     best = best_per_column(summary, [k for k, _ in cols])
@@ -95,6 +113,7 @@ def table1_markdown(results: Mapping[str, Any], scheme: ClassScheme) -> str:
 
 
 def table1_html(results: Mapping[str, Any], scheme: ClassScheme) -> str:
+    """Table 1 of one network as HTML (`table1_markdown`)."""
     cols = table_columns(scheme)
     summary = {arm: r["summary"] for arm, r in results["arms"].items()}
     best = best_per_column(summary, [k for k, _ in cols])
@@ -116,8 +135,9 @@ def _metric_name(key: str, scheme: ClassScheme) -> str:
 
 
 def interval_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list[str], list[list[str]]]:
-    """The headline table: each arm's rare-class F and PQ, then the paired differences, each
-    with its 95% bootstrap interval over test images and runs (pipeline.intervals)."""
+    """The headline table of one network (`results` is its block): each arm's rare-class F and
+    PQ, then the paired differences, each with its 95% bootstrap interval over test images and
+    runs (pipeline.intervals)."""
     iv = results.get("intervals")
     if not iv:
         return [], []
@@ -281,17 +301,23 @@ def _table_html(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
             + "</table>")
 
 
-def _sections(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str, str, list[str], list[list[str]]]]:
-    """(title, explanation, header, rows) of every table after Table 1 that has content."""
-    out = []
-    iv = results.get("intervals")
-    if iv:
+#: A report table: (subtitle or None, header, rows).
+Table = tuple[str | None, list[str], list[list[str]]]
+
+
+def _sections(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str, str, list[Table]]]:
+    """(title, explanation, tables) of every section after Table 1 that has content."""
+    out: list[tuple[str, str, list[Table]]] = []
+    blocks = network_blocks(results)
+    ivs = [(title, b) for title, b in blocks if b.get("intervals")]
+    if ivs:
+        iv = ivs[0][1]["intervals"]
         out.append(("Headline: paired differences with 95% intervals",
                     f"Bootstrap over the {iv['n_images']} test images and the {iv['n_runs']} runs per arm "
                     "(folds x seeds), paired: both arms see the same resampled images, run r of one arm is "
                     "paired with run r of the other (same fold and segmenter seed). An interval that excludes "
                     "0 is a difference beyond test-image and run-to-run noise.",
-                    *interval_rows(results, scheme)))
+                    [(title, *interval_rows(b, scheme)) for title, b in ivs]))
     h, r = utility_rows(results, scheme)
     if r:
         u = results["utility"]
@@ -301,7 +327,7 @@ def _sections(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str
                     f"set's, scored on all {sum(u['n_test'].values())} test nuclei; mean over {len(u['seeds'])} "
                     "seeds with 95% intervals over test images and seeds. 'real, class-balanced' draws real nuclei "
                     "with equal class probability: the prior shift of extra rare-class labels without new pixels.",
-                    h, r))
+                    [(None, h, r)]))
     h, r = recognition_rows(results, scheme)
     if r:
         out.append(("Recognition: do synthetic nuclei look like their class?",
@@ -309,12 +335,14 @@ def _sections(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str
                     "types each set's nuclei; the share of each class's nuclei it types as that class (recall), "
                     "beside the same classifier on real test nuclei. Synthetic nuclei as recognisable as real ones "
                     "score like the real test row; nuclei that do not show their map's class score near chance.",
-                    h, r))
+                    [(None, h, r)]))
     h, r = fidelity_rows(results, scheme)
     if r:
+        net, nets = results.get("fidelity_network"), results.get("networks") or {}
+        which = f"{network_title(net, nets[net])}, " if net in nets else ""
         out.append(("Label fidelity",
-                    "A segmenter trained on real data only (baseline, fold 0) is scored against the label maps "
-                    "the synthetic images were generated for.", h, r))
+                    f"A segmenter trained on real data only ({which}baseline, fold 0) is scored against the label "
+                    "maps the synthetic images were generated for.", [(None, h, r)]))
     return out
 
 
@@ -333,11 +361,16 @@ def write_report(
     intro = (f"folds: {n_folds}; seeds: {n_seeds}; test images: {results.get('n_test_images', '')}. "
              "Mean ± std over runs (folds x seeds)")
     sections = _sections(results, scheme)
+    blocks = network_blocks(results)
     md = [f"# {title}", ""]
     md += [f"Dataset: `{results.get('dataset', '')}` (scheme {scheme.name}); {intro}; best per column in bold.", ""]
-    md += ["## Table 1", "", table1_markdown(results, scheme), ""]
-    for head, text, header, rows in sections:
-        md += [f"## {head}", "", text, ""] + _table_md(header, rows) + [""]
+    md += ["## Table 1", ""]
+    for name, block in blocks:
+        md += [f"### {name}", "", table1_markdown(block, scheme), ""]
+    for head, text, tables in sections:
+        md += [f"## {head}", "", text, ""]
+        for sub, header, rows in tables:
+            md += ([f"### {sub}", ""] if sub else []) + _table_md(header, rows) + [""]
     for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
                          ("samples", "Samples: original | its labels | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
         if key in figures:
@@ -350,9 +383,13 @@ def write_report(
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>Dataset: <code>{html.escape(str(results.get('dataset', '')))}</code> (scheme {html.escape(scheme.name)}); "
              f"{html.escape(intro)}; best per column highlighted.</p>",
-             "<h2>Table 1</h2>", table1_html(results, scheme)]
-    for head, text, header, rows in sections:
-        parts.append(f"<h2>{html.escape(head)}</h2><p>{html.escape(text)}</p>{_table_html(header, rows)}")
+             "<h2>Table 1</h2>"]
+    for name, block in blocks:
+        parts.append(f"<h3>{html.escape(name)}</h3>{table1_html(block, scheme)}")
+    for head, text, tables in sections:
+        parts.append(f"<h2>{html.escape(head)}</h2><p>{html.escape(text)}</p>")
+        for sub, header, rows in tables:
+            parts.append((f"<h3>{html.escape(sub)}</h3>" if sub else "") + _table_html(header, rows))
     for key, caption in (("class_distribution", "Class distribution before/after each map kind"),
                          ("samples", "Samples: original | its labels | balancing map | DiffMix-B | enlarging map | DiffMix-E | GradMix")):
         if key in figures:
