@@ -264,3 +264,55 @@ def test_two_networks_end_to_end_with_one_table_block_each(tmp_path: Path) -> No
     again, _ = run_experiment(cfg, out, device="cpu", progress=False)
     assert (out / "stages.jsonl").read_text() == stages
     assert json.dumps(again["networks"], sort_keys=True) == json.dumps(results["networks"], sort_keys=True)
+
+
+def test_extra_metrics_follow_the_scheme_unless_given() -> None:
+    from diffmix.data.schemes import PANNUKE, ClassScheme
+
+    cfg = ExperimentConfig.model_validate(MICRO)
+    lizard = ClassScheme("Lizard", {i + 1: n for i, n in enumerate(["neutrophil", "epithelial", "lymphocyte",
+                                                                     "plasma", "eosinophil", "connective"])},
+                         {i: i for i in range(1, 7)}, minor_class=1)
+    assert cfg.extra_metrics_for(CONSEP) == [] and cfg.extra_metrics_for(PANNUKE) == ["pannuke"]
+    assert cfg.extra_metrics_for(lizard) == ["conic"]
+    none = ExperimentConfig.model_validate({**MICRO, "extra_metrics": []})
+    assert none.extra_metrics_for(PANNUKE) == [] and dump_config(none)["extra_metrics"] == []
+    assert "extra_metrics" not in dump_config(cfg)  # the default keeps older run folders' identity
+    with pytest.raises(ConfigError, match="extra_metrics lists a metric twice"):
+        build_config(ExperimentConfig, "experiment", None, {**MICRO, "extra_metrics": ["conic", "conic"]})
+    with pytest.raises(ConfigError, match="extra_metrics.0"):
+        build_config(ExperimentConfig, "experiment", None, {**MICRO, "extra_metrics": ["mpq"]})
+
+
+def test_pannuke_and_conic_metrics_in_the_experiment_report(tmp_path: Path) -> None:
+    """`extra_metrics: [pannuke, conic]`: every run's evaluation carries PanNuke's mPQ/bPQ and
+    CoNIC's mPQ+, Table 1 shows them after its own columns, and on these toy predictions bPQ is
+    the mean PQ exactly (every test image has nuclei, one tissue: diffmix.metrics.panoptic)."""
+    from diffmix.pipeline.experiment import run_experiment
+
+    cfg = ExperimentConfig.model_validate({
+        **{k: v for k, v in MICRO.items() if k not in ("utility", "seeds", "epochs", "sdm")},
+        "name": "field-metrics", "arms": ["baseline"], "epochs": {"baseline": 2}, "fidelity": False,
+        "extra_metrics": ["pannuke", "conic"],
+    })
+    out = tmp_path / "exp"
+    results, paths = run_experiment(cfg, out, device="cpu", progress=False)
+    evaluation = json.loads((out / "eval" / "baseline" / "fold0.json").read_text())
+    assert {"pannuke", "conic"} <= set(evaluation)
+    row = results["networks"]["hovernet"]["arms"]["baseline"]["folds"][0]
+    assert row["bpq"] == pytest.approx(row["pq"], abs=1e-12)
+    assert row["bpq"] == pytest.approx(evaluation["pannuke"]["bpq"]) and row["mpq"] == pytest.approx(evaluation["pannuke"]["mpq"])
+    # mPQ+ is the mean of the per-class PQ pooled over the test images, each class's true
+    # nuclei all counted once (TP + FN)
+    per_class = {int(c): v for c, v in evaluation["conic"]["per_class"].items()}
+    assert row["mpq_plus"] == pytest.approx(sum(v["pq"] for v in per_class.values()) / len(CONSEP.class_ids))
+    from diffmix.data.io import read_dataset
+
+    test = read_dataset(out / "data" / "test")
+    true_counts = {c: sum(t == c for s in test for t in s.inst_types().values()) for c in CONSEP.class_ids}
+    assert {c: v["tp"] + v["fn"] for c, v in per_class.items()} == true_counts
+    md = paths["md"].read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Arm | Dice"))
+    assert header.endswith("| F spindle | bPQ | mPQ | mPQ+ |")
+    assert "mPQ+ is CoNIC's" in md and "bPQ and mPQ are PanNuke's" in md
+    assert "<th>mPQ+</th>" in paths["html"].read_text()

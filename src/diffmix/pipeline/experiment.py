@@ -29,6 +29,7 @@ from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset, write_dataset
 from diffmix.data.patches import grid_patches
 from diffmix.data.sample import NucleiSample
+from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError, DataError
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
@@ -233,6 +234,10 @@ class ExperimentConfig(BaseModel):
     # The downstream networks trained for every arm, fold and seed (Table 1 has one block per
     # network); the first one also scores label fidelity.
     downstream: list[str] = Field(default_factory=lambda: ["hovernet"], min_length=1)
+    # The other datasets' headline numbers, computed per run and shown beside Table 1:
+    # "pannuke" (PanNuke mPQ, bPQ), "conic" (CoNIC / Lizard mPQ+); diffmix.metrics.panoptic.
+    # None = by the class scheme (`extra_metrics_for`); [] = none.
+    extra_metrics: list[Literal["pannuke", "conic"]] | None = None
     fidelity: bool = True
     utility: UtilityStage | None = None
     sample_rows: int = Field(default=3, ge=1)
@@ -256,15 +261,32 @@ class ExperimentConfig(BaseModel):
             missing = [a for a in self.arms if net.epochs is not None and a not in net.epochs]
             if missing:
                 raise ValueError(f"seg.networks.{name}.epochs has no entry for arms {missing}")
+        if self.extra_metrics is not None and len(set(self.extra_metrics)) != len(self.extra_metrics):
+            raise ValueError("extra_metrics lists a metric twice")
         return self
+
+    def extra_metrics_for(self, scheme: ClassScheme) -> list[str]:
+        """The extra metrics of an experiment on `scheme`: `extra_metrics` when given, else
+        PanNuke's mPQ/bPQ for the pannuke scheme and CoNIC's mPQ+ for a scheme whose name says
+        Lizard or CoNIC (a YAML scheme named e.g. `lizard`), nothing for CoNSeP and GLySAC."""
+        if self.extra_metrics is not None:
+            return list(self.extra_metrics)
+        name = scheme.name.lower()
+        if name == "pannuke":
+            return ["pannuke"]
+        if "lizard" in name or "conic" in name:
+            return ["conic"]
+        return []
 
     @model_serializer(mode="wrap")
     def _drop_default_downstream(self, handler: Any) -> dict[str, Any]:
         # HoVer-Net alone is what every experiment ran before `downstream` existed: leaving the
-        # default out of config.yaml keeps those run folders resumable (same identity).
+        # defaults out of config.yaml keeps those run folders resumable (same identity).
         data = handler(self)
         if data.get("downstream") == ["hovernet"]:
             data.pop("downstream")
+        if data.get("extra_metrics") is None:  # the scheme's default, as before the option
+            data.pop("extra_metrics", None)
         return data
 
     def network(self, name: str) -> NetworkStage:
@@ -649,16 +671,20 @@ class Experiment:
         return path
 
     def evaluation(self, arm: str, fold: int, ckpt: Path, seed: int = 0, network: str = "hovernet") -> dict[str, Any]:
-        from diffmix.metrics import evaluate_samples
+        """The official metrics of one segmenter run on the test set (`diffmix evaluate`'s
+        structure), plus the extra metrics of the scheme ("pannuke", "conic"); cached."""
+        from diffmix.metrics.evaluate import evaluate_labels, field_metrics, labels_from_maps
         from diffmix.seg.infer import segment_image
         from diffmix.seg.models import load_segmenter
 
+        _, test = self.datasets()
+        extras = self.cfg.extra_metrics_for(test.scheme)
         path = self.network_folder("eval", network) / arm / f"{self.run_name(fold, seed)}.json"
         if path.exists():
             cached = json.loads(path.read_text())
-            if "type_counts" in cached:  # evaluations before intervals existed lack the counts
+            # evaluations before intervals existed lack the counts; before extra metrics, those
+            if "type_counts" in cached and all(k in cached for k in extras):
                 return cached
-        _, test = self.datasets()
         t0 = time.perf_counter()
         model, _ = load_segmenter(ckpt, device=self.device or "cpu")
         overlap = self.cfg.network(network).infer_overlap
@@ -668,8 +694,12 @@ class Experiment:
                                            overlap=overlap, device=self.device,
                                            keep_unmarked=self.cfg.seg.keep_unmarked)
             preds.append((inst, types))
-        result = evaluate_samples([(s.inst_map, s.type_map) for s in test], preds, test.scheme.class_ids,
-                                  names=test.names)
+        true = [labels_from_maps(s.name, s.inst_map, s.type_map) for s in test]
+        pred = [labels_from_maps(s.name, inst, types) for s, (inst, types) in zip(test, preds)]
+        result = evaluate_labels(true, pred, test.scheme.class_ids)
+        if extras:
+            field_metrics(result, true, pred, test.scheme.class_ids, pannuke="pannuke" in extras,
+                          conic="conic" in extras)
         write_json(path, result)
         _timed(self.log, "eval", t0, network=network, arm=arm, fold=fold, seed=seed)
         return result
@@ -801,10 +831,19 @@ def run_experiment(
     for name in config.downstream:
         if config.network(name).epochs is not None:
             notes.append(f"{NETWORK_LABELS[name]} trains its own epochs per arm "
-                         f"{ {a: config.network_epochs(name)[a] for a in config.arms} }, in the same ratio.")
+                         f"{ {a: config.network_epochs(name)[a] for a in config.arms} } (seg.networks.{name}).")
     if "sonnet" in config.downstream:
         notes.append("SONNET is post-processed as its official code does (ordinal markers, watershed, inner-pixel "
-                     "type vote), with the fixes documented in diffmix.seg.sonnet.postproc.")
+                     "type vote), except that a marker holding several peaks of the ordinal map is split between "
+                     "them (diffmix.seg.sonnet.postproc).")
+    extras = config.extra_metrics_for(train.scheme)
+    if "pannuke" in extras:
+        notes.append("bPQ and mPQ are PanNuke's (per image: class-agnostic PQ, and the mean of the per-class PQ over "
+                     "the classes the image has; then means over images, one tissue), a mean over runs like "
+                     "the other columns (diffmix.metrics.panoptic).")
+    if "conic" in extras:
+        notes.append("mPQ+ is CoNIC's: per class, matches and IoUs pooled over all test images, then the mean of "
+                     "the per-class PQ over every class of the scheme (diffmix.metrics.panoptic).")
     if config.data.toy is not None:
         notes.insert(0, TOY_CAVEAT)
     paths = write_report(exp.out, results, train.scheme, figures, notes)

@@ -36,18 +36,37 @@ CLASS_COLOURS = np.array(
 )
 
 
-def table_columns(scheme: ClassScheme) -> list[tuple[str, str]]:
-    """(key, header) of every Table-1 column: segmentation metrics, Acc, then F per class."""
-    return SEG_COLUMNS + [(f"f1_{c}", f"F {scheme.class_name(c)}") for c in scheme.class_ids]
+#: The other datasets' headline numbers (`ExperimentConfig.extra_metrics`), after Table 1's own
+#: columns when the runs have them: PanNuke's bPQ and mPQ, CoNIC's mPQ+.
+EXTRA_COLUMNS = [("bpq", "bPQ"), ("mpq", "mPQ"), ("mpq_plus", "mPQ+")]
+
+
+def table_columns(scheme: ClassScheme, extra: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(key, header) of every Table-1 column: segmentation metrics, Acc, F per class, then the
+    `extra` keys of EXTRA_COLUMNS (in that order)."""
+    return (SEG_COLUMNS + [(f"f1_{c}", f"F {scheme.class_name(c)}") for c in scheme.class_ids]
+            + [(k, h) for k, h in EXTRA_COLUMNS if k in extra])
 
 
 def fold_row(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Flatten one fold's evaluation (mean instance metrics + type stats) into table keys."""
+    """Flatten one fold's evaluation (mean instance metrics + type stats, and PanNuke / CoNIC
+    numbers when it has them) into table keys; an undefined PanNuke value is left out."""
     row = {k: float(metrics["mean"][k]) for k in ("dice", "aji", "dq", "sq", "pq")}
     row["acc"] = float(metrics["type"]["acc"])
     for cls, value in metrics["type"]["f1"].items():
         row[f"f1_{int(cls)}"] = float(value)
+    for key in ("bpq", "mpq"):
+        value = (metrics.get("pannuke") or {}).get(key)
+        if value is not None:
+            row[key] = float(value)
+    if "conic" in metrics:
+        row["mpq_plus"] = float(metrics["conic"]["mpq_plus"])
     return row
+
+
+def _block_columns(results: Mapping[str, Any], scheme: ClassScheme) -> list[tuple[str, str]]:
+    extra = {k for r in results["arms"].values() for k in r["summary"]["mean"]}
+    return table_columns(scheme, [k for k, _ in EXTRA_COLUMNS if k in extra])
 
 
 def summarise(folds: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
@@ -99,7 +118,7 @@ def network_title(name: str, block: Mapping[str, Any]) -> str:
 
 def table1_markdown(results: Mapping[str, Any], scheme: ClassScheme) -> str:
     """Table 1 of one network: `results` is its block (or anything with "arms")."""
-    cols = table_columns(scheme)
+    cols = _block_columns(results, scheme)
     summary = {arm: r["summary"] for arm, r in results["arms"].items()}
     best = best_per_column(summary, [k for k, _ in cols])
     lines = ["| Arm | " + " | ".join(h for _, h in cols) + " |", "|---|" + "---|" * len(cols)]
@@ -114,7 +133,7 @@ def table1_markdown(results: Mapping[str, Any], scheme: ClassScheme) -> str:
 
 def table1_html(results: Mapping[str, Any], scheme: ClassScheme) -> str:
     """Table 1 of one network as HTML (`table1_markdown`)."""
-    cols = table_columns(scheme)
+    cols = _block_columns(results, scheme)
     summary = {arm: r["summary"] for arm, r in results["arms"].items()}
     best = best_per_column(summary, [k for k, _ in cols])
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h in cols)
