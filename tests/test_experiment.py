@@ -316,3 +316,32 @@ def test_pannuke_and_conic_metrics_in_the_experiment_report(tmp_path: Path) -> N
     assert header.endswith("| F spindle | bPQ | mPQ | mPQ+ |")
     assert "mPQ+ is CoNIC's" in md and "bPQ and mPQ are PanNuke's" in md
     assert "<th>mPQ+</th>" in paths["html"].read_text()
+
+
+def test_logit_adjusted_evaluation_uses_each_runs_own_training_prior(tmp_path: Path) -> None:
+    """seg.logit_adjust: the evaluation divides out the prior of the run's own mix; a checkpoint
+    written before the prior was recorded gets it recounted from the same mix, identically."""
+    from diffmix.pipeline.experiment import Experiment, run_experiment
+    from diffmix.runs import load_checkpoint, save_checkpoint
+
+    spec = {**TWO_NETWORKS, "name": "logit-adjust", "downstream": ["hovernet"],
+            "seg": {**MICRO["seg"], "logit_adjust": 1.0}}
+    cfg = ExperimentConfig.model_validate(spec)
+    assert "logit_adjust" not in dump_config(ExperimentConfig.model_validate(MICRO))["seg"]
+    assert dump_config(cfg)["seg"]["logit_adjust"] == 1.0
+    out = tmp_path / "exp"
+    results, _ = run_experiment(cfg, out, device="cpu", progress=False)
+    assert set(results["networks"]["hovernet"]["arms"]) == {"baseline", "gradmix"}
+    exp = Experiment(cfg, out, progress=False)
+    for arm in ("baseline", "gradmix"):
+        ckpt = out / "seg" / arm / "fold0" / "final.safetensors"
+        state, meta = load_checkpoint(ckpt)
+        old = tmp_path / f"{arm}-old.safetensors"
+        save_checkpoint(old, state, {k: v for k, v in meta.items() if k != "type_prior"})
+        assert exp.type_prior(arm, 0, old) == pytest.approx(meta["type_prior"], rel=1e-12)
+    # each arm's own mix: GradMix's patches change the class fractions
+    priors = {arm: load_checkpoint(out / "seg" / arm / "fold0" / "final.safetensors")[1]["type_prior"]
+              for arm in ("baseline", "gradmix")}
+    assert priors["gradmix"] != pytest.approx(priors["baseline"], rel=1e-3)
+    with pytest.raises(Exception, match="greater than or equal"):
+        ExperimentConfig.model_validate({**spec, "seg": {**MICRO["seg"], "logit_adjust": -1}})

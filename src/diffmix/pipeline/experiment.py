@@ -36,6 +36,7 @@ from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
 
 if TYPE_CHECKING:
+    from diffmix.seg.data import Source
     from diffmix.seg.train import SegTrainConfig
 
 #: What the toy demo can and cannot show (issue 10 item 5), printed and in its report.
@@ -170,6 +171,9 @@ class SegStage(BaseModel):
     # hover_net drops blobs whose marker does not survive the 5x5 opening (nuclei thinner than
     # ~5 px); True keeps each as its own instance (diffmix.seg.postproc). Official: False.
     keep_unmarked: bool = False
+    # Post-hoc logit adjustment of the type probabilities at evaluation (tau; 0 = off, the
+    # official vote): each run's prior is its own training mix's (diffmix.seg.postproc.prior_adjusted).
+    logit_adjust: float = Field(default=0.0, ge=0)
     # Segmenters of the other downstream networks, by name (`NETWORKS`); a network listed in
     # `downstream` without an entry here uses DEFAULT_NETWORK_PRESETS. Every network trains on
     # the same original patches (`patch`, `stride`) and synthetic sets: SONNET pads each patch
@@ -192,6 +196,8 @@ class SegStage(BaseModel):
         data = handler(self)
         if not data.get("networks"):
             data.pop("networks", None)
+        if not data.get("logit_adjust"):
+            data.pop("logit_adjust", None)
         return data
 
 
@@ -638,13 +644,28 @@ class Experiment:
         return self.out / stage / network
 
     def segmenter(self, arm: str, fold: int, fold_names: Sequence[str], seed: int = 0, network: str = "hovernet") -> Path:
-        from diffmix.seg.data import Source
         from diffmix.seg.train import FINAL_NAME, train_segmenter
 
         out = self.network_folder("seg", network) / arm / self.run_name(fold, seed)
         final = out / FINAL_NAME
         if final.exists():
             return final
+        original, extra = self.training_sources(arm, fold, fold_names)
+        net = self.cfg.network(network)
+        # one seed per (fold, training seed); seed 0 keeps the single-seed rule seed + fold
+        run_seed = self.cfg.seed + fold + seed * self.cfg.folds
+        cfg = arm_seg_config(net.preset, net.overrides, self.cfg.network_epochs(network)[arm], run_seed)
+        t0 = time.perf_counter()
+        path = train_segmenter(original, out, cfg, extra=extra,
+                               preset=net.preset, device=self.device, progress=self.progress)
+        _timed(self.log, "seg", t0, network=network, arm=arm, fold=fold, seed=seed, n_original=len(original.dataset),
+               n_synthetic={src.label: src.count for src in extra})
+        return path
+
+    def training_sources(self, arm: str, fold: int, fold_names: Sequence[str]) -> tuple[Source, list[Source]]:
+        """(original patches, synthetic sources with their counts) of one arm's training mix."""
+        from diffmix.seg.data import Source
+
         original = self.original_patches(fold_names)
         n = len(original)
         extra: list[Source] = []
@@ -659,16 +680,21 @@ class Experiment:
                 if not own:
                     raise DataError(f"no {kind} patches come from the training images of fold {fold}")
                 extra.append(Source(_subset(synth, own, kind), count, kind))
-        net = self.cfg.network(network)
-        # one seed per (fold, training seed); seed 0 keeps the single-seed rule seed + fold
-        run_seed = self.cfg.seed + fold + seed * self.cfg.folds
-        cfg = arm_seg_config(net.preset, net.overrides, self.cfg.network_epochs(network)[arm], run_seed)
-        t0 = time.perf_counter()
-        path = train_segmenter(Source(original, None, "original"), out, cfg, extra=extra,
-                               preset=net.preset, device=self.device, progress=self.progress)
-        _timed(self.log, "seg", t0, network=network, arm=arm, fold=fold, seed=seed, n_original=n,
-               n_synthetic={src.label: src.count for src in extra})
-        return path
+        return Source(original, None, "original"), extra
+
+    def type_prior(self, arm: str, fold: int, ckpt: Path) -> list[float]:
+        """The class prior of a run's training mix, for logit adjustment: the checkpoint's
+        record, or (checkpoints written before it was recorded) recounted from the same mix."""
+        from diffmix.runs import checkpoint_meta
+        from diffmix.seg.train import mix_type_prior
+
+        recorded = checkpoint_meta(ckpt).get("type_prior")
+        if recorded is not None:
+            return [float(x) for x in recorded]
+        train, _ = self.datasets()
+        names = fold_splits(train.names, self.cfg.folds, self.cfg.seed)[fold]
+        original, extra = self.training_sources(arm, fold, names)
+        return mix_type_prior([original, *extra], train.scheme.num_classes, 0)
 
     def evaluation(self, arm: str, fold: int, ckpt: Path, seed: int = 0, network: str = "hovernet") -> dict[str, Any]:
         """The official metrics of one segmenter run on the test set (`diffmix evaluate`'s
@@ -688,11 +714,14 @@ class Experiment:
         t0 = time.perf_counter()
         model, _ = load_segmenter(ckpt, device=self.device or "cpu")
         overlap = self.cfg.network(network).infer_overlap
+        tau = self.cfg.seg.logit_adjust
+        prior = self.type_prior(arm, fold, ckpt) if tau else None
         preds = []
         for sample in test:
             inst, types, _ = segment_image(model, sample.image, batch_size=self.cfg.seg.infer_batch_size,
                                            overlap=overlap, device=self.device,
-                                           keep_unmarked=self.cfg.seg.keep_unmarked)
+                                           keep_unmarked=self.cfg.seg.keep_unmarked,
+                                           type_prior=prior, logit_adjust=tau)
             preds.append((inst, types))
         true = [labels_from_maps(s.name, s.inst_map, s.type_map) for s in test]
         pred = [labels_from_maps(s.name, inst, types) for s, (inst, types) in zip(test, preds)]
