@@ -22,6 +22,9 @@ sd is 0). `fewest_matching` is the row with the fewest passes that matches. With
 patches that flag mostly measures the segmenter's counting noise (docs/solvers.md): read it
 with the image distances. `--spacings time,logsnr` runs every solver on both pass grids.
 
+Without --case (`make bench`) it runs a smoke case in seconds: two toy tiles and an untrained,
+randomised small U-Net (no segmenter), which exercises every path but measures nothing.
+
     python benchmarks/solvers.py --case name=demo,sdm=RUN/sdm/ckpt.safetensors,data=TOY_TRAIN,segmenter=SEG.safetensors,guidance=1.5,keep_unmarked=1 \
         [--case ...] [--patches 12] [--budgets 3,5,8,10,15,20,55] [--solvers ddim,dpmpp-2m,unipc] [--out result.json]
 """
@@ -33,6 +36,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -127,7 +131,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
                          progress=False, balance_kwargs={"seed": 0})
         return out, rep.seconds / max(rep.n_written, 1)
 
-    print(f"[{case['name']}] DDIM-55 references", flush=True)
+    print(f"[{case['name']}] DDIM-55 references", file=sys.stderr, flush=True)
     refs = [make(f"ddim55_seed{s}", base, s) for s in range(args.reference_seeds)]
     ref_images = [_images(p) for p, _ in refs]
     timing = _timing_batch(refs[0][0], args.time_batch)
@@ -166,7 +170,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
                        mean_abs_diff_to_ddim55=0.0, psnr_to_ddim55=None, fidelity=ref_fid[0])
             folder = None
         else:
-            print(f"[{case['name']}] {solver} {settings.spacing} {passes} passes", flush=True)
+            print(f"[{case['name']}] {solver} {settings.spacing} {passes} passes", file=sys.stderr, flush=True)
             folder, wall = make(f"{solver}_{settings.spacing}_{passes}", settings, 0)
             row.update(seconds_per_patch=round(_sampler_seconds(model, diffusion, timing, settings), 4),
                        wall_seconds_per_patch=round(wall, 4),
@@ -188,6 +192,28 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
     return result
 
 
+def smoke_case(work: Path) -> dict[str, Any]:
+    """Toy tiles and a randomised small SDM U-Net saved as a checkpoint: the no-argument run."""
+    from diffmix.data.io import write_dataset
+    from diffmix.data.schemes import CONSEP
+    from diffmix.data.toy import generate_toy_samples
+    from diffmix.runs import save_checkpoint
+    from diffmix.sdm.unet import UNetConfig, build_unet
+
+    data = write_dataset(work / "toy", generate_toy_samples(2, 64, 0), CONSEP.merged(), {"generator": "solvers smoke"})
+    cfg = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
+                     num_head_channels=32, label_nc=6)
+    torch.manual_seed(0)
+    model = build_unet(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    ckpt = work / "random.safetensors"
+    save_checkpoint(ckpt, {"model": model.state_dict()}, {"unet_config": cfg.model_dump(mode="json")})
+    return {"name": "smoke (untrained U-Net, toy tiles)", "sdm": str(ckpt), "data": str(data), "guidance": 1.5,
+            "keep_unmarked": False}
+
+
 def _within(value: float, spread: dict[str, float]) -> bool:
     if spread["sd"] > 0:
         return abs(value - spread["mean"]) <= 2 * spread["sd"]
@@ -196,7 +222,7 @@ def _within(value: float, spread: dict[str, float]) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", action="append", required=True, type=parse_case,
+    ap.add_argument("--case", action="append", default=None, type=parse_case,
                     help="name=...,sdm=CKPT,data=DATASET[,segmenter=CKPT][,guidance=S][,scheme=NAME][,keep_unmarked=1]")
     ap.add_argument("--patches", type=int, default=12, help="grid patches per set, spread over the images")
     ap.add_argument("--patch", type=int, default=64)
@@ -214,6 +240,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="diffmix-solvers-") as tmp:
+        if args.case is None:  # `make bench`: a seconds-long smoke run of every path
+            args.case = [smoke_case(Path(tmp))]
+            args.patches, args.budgets, args.reference_seeds, args.patch = 2, [3, 5], 2, 32
         report = {"benchmark": "solvers", "threads": torch.get_num_threads(),
                   "start": {"steps": args.steps, "start_fraction": args.start_fraction},
                   "budgets": args.budgets, "cases": [run_case(c, args, Path(tmp)) for c in args.case]}
