@@ -332,6 +332,7 @@ def test_logit_adjusted_evaluation_uses_each_runs_own_training_prior(tmp_path: P
     out = tmp_path / "exp"
     results, _ = run_experiment(cfg, out, device="cpu", progress=False)
     assert set(results["networks"]["hovernet"]["arms"]) == {"baseline", "gradmix"}
+    assert "post-hoc logit adjustment" in (out / "report.md").read_text()  # the reader is told
     exp = Experiment(cfg, out, progress=False)
     for arm in ("baseline", "gradmix"):
         ckpt = out / "seg" / arm / "fold0" / "final.safetensors"

@@ -865,6 +865,18 @@ def run_experiment(
         notes.append("SONNET is post-processed as its official code does (ordinal markers, watershed, inner-pixel "
                      "type vote), except that a marker holding several peaks of the ordinal map is split between "
                      "them (diffmix.seg.sonnet.postproc).")
+    rare = []
+    if config.seg.overrides.get("repeat_threshold") is not None:
+        rare.append(f"patches holding rare classes drawn more often (repeat-factor sampling, threshold "
+                    f"{config.seg.overrides['repeat_threshold']})")
+    if (config.seg.overrides.get("loss") or {}).get("type_weights") is not None:
+        rare.append("the type cross-entropy weighted per class (loss.type_weights)")
+    if config.seg.logit_adjust:
+        rare.append(f"type probabilities divided by each run's training-mix class prior ** {config.seg.logit_adjust} "
+                    "before the vote (post-hoc logit adjustment; not applied to label fidelity)")
+    if rare:
+        notes.append("Every arm's HoVer-Net segmenter is trained and evaluated with the same rare-class options: "
+                     + "; ".join(rare) + ".")
     extras = config.extra_metrics_for(train.scheme)
     if "pannuke" in extras:
         notes.append("bPQ and mPQ are PanNuke's (per image: class-agnostic PQ, and the mean of the per-class PQ over "
