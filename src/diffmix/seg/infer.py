@@ -332,14 +332,18 @@ def segment_image(
     """
     if logit_adjust and type_prior is None:
         raise ConfigError("logit adjustment needs the training type prior")
-    maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
-    if logit_adjust:
-        maps["tp"] = prior_adjusted(maps["tp"], list(type_prior or []), logit_adjust)
+    def adjusted(tp: np.ndarray) -> np.ndarray:
+        return prior_adjusted(tp, list(type_prior or []), logit_adjust) if logit_adjust else tp
+
     if getattr(model, "post_processing", "hovernet") == "sonnet":
         from diffmix.seg.sonnet.postproc import postprocess_sonnet
 
-        return postprocess_sonnet(maps["np"], maps["ord"], maps["tp"], keep_unmarked=keep_unmarked)
-    return postprocess(maps["np"], maps["hv"], maps["tp"], keep_unmarked=keep_unmarked)
+        maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
+        return postprocess_sonnet(maps["np"], maps["ord"], adjusted(maps["tp"]), keep_unmarked=keep_unmarked)
+    np_prob, hv, tp_prob = predict_image(
+        model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device
+    )
+    return postprocess(np_prob, hv, adjusted(tp_prob), keep_unmarked=keep_unmarked)
 
 
 def overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
