@@ -346,3 +346,29 @@ def test_logit_adjusted_evaluation_uses_each_runs_own_training_prior(tmp_path: P
     assert priors["gradmix"] != pytest.approx(priors["baseline"], rel=1e-3)
     with pytest.raises(Exception, match="greater than or equal"):
         ExperimentConfig.model_validate({**spec, "seg": {**MICRO["seg"], "logit_adjust": -1}})
+
+
+def test_gradmix_follows_the_balance_settings(tmp_path: Path) -> None:
+    """GradMix and DiffMix-B share one balancing plan: the experiment's `synthesis.balance`
+    reaches GradMix too (it used to run with the defaults, so the two arms balanced differently
+    as soon as a user set them). On 64-px toy tiles the default 30-px border leaves no swap;
+    MICRO's 8-px border does, and GradMix's labels are then exactly the balancing maps'."""
+    import numpy as np
+
+    from diffmix.data.patches import grid_patches
+    from diffmix.maps.balance import balance_dataset
+    from diffmix.pipeline.experiment import Experiment
+
+    spec = {**MICRO, "arms": ["baseline", "gradmix"], "synthesis": {**MICRO["synthesis"], "max_patches": None}}
+    exp = Experiment(ExperimentConfig.model_validate(spec), tmp_path / "exp", progress=False)
+    train, _ = exp.datasets()
+    gradmix = {p.name: p for p in exp.synthetic("gradmix")}
+    maps, report = balance_dataset(train.samples, minor_class=train.scheme.minor_class, seed=0, **spec["synthesis"]["balance"])
+    expected = {p.name: p for img in maps for p in grid_patches(img, 32, 32)}
+    assert report.accepted_swaps > 0
+    assert set(gradmix) == set(expected)
+    for name, p in expected.items():
+        assert np.array_equal(gradmix[name].type_map, p.type_map), name
+    minor = train.scheme.minor_class
+    original = sum(int((p.type_map == minor).sum()) for img in train for p in grid_patches(img, 32, 32))
+    assert sum(int((p.type_map == minor).sum()) for p in gradmix.values()) > original

@@ -107,7 +107,7 @@ class SynthStage(BaseModel):
     # Patches per map kind, spread evenly over the grid of every image (None = the whole grid):
     # what a CPU run can afford; each fold still draws from its own training images.
     max_patches: int | None = Field(default=None, ge=1)
-    balance: dict[str, Any] = Field(default_factory=dict)  # extra balance_dataset arguments
+    balance: dict[str, Any] = Field(default_factory=dict)  # extra balance_dataset arguments (GradMix uses them too)
     enlarge: dict[str, Any] = Field(default_factory=dict)  # extra enlarge_dataset arguments
 
     def sampler(self) -> SamplerSettings:
@@ -470,7 +470,7 @@ class Experiment:
         s.sampler()
         kinds = {k for a in cfg.arms for k in ARM_SETS[a]}
         for kind, kwargs in (("balance", s.balance), ("enlarge", s.enlarge)):
-            if kind in kinds:
+            if kind in kinds or (kind == "balance" and "gradmix" in kinds):  # GradMix balances with them too
                 check_map_kwargs(kind, kwargs, scheme)
         for name in cfg.downstream:
             net = cfg.network(name)
@@ -585,8 +585,10 @@ class Experiment:
                 from diffmix.maps.gradmix import gradmix_dataset
 
                 t0 = time.perf_counter()
-                images, report = gradmix_dataset(train.samples, minor_class=train.scheme.minor_class, seed=self.cfg.seed)
                 s = self.cfg.synthesis
+                # the same balancing plan as DiffMix-B's maps (spec 6a): same settings, same seed
+                images, report = gradmix_dataset(train.samples, minor_class=train.scheme.minor_class,
+                                                 seed=self.cfg.seed, **s.balance)
                 patches = [p for img in images for p in grid_patches(img, s.patch, s.stride)]
                 if s.max_patches is not None:
                     # the same grid positions as the SDM sets: every arm draws its synthetic
