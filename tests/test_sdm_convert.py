@@ -24,12 +24,7 @@ TINY = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_block
 TINY_HINTS = dict(image_size=16, num_head_channels=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_model(config: UNetConfig, seed: int) -> UNetModel:

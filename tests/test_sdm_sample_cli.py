@@ -22,12 +22,7 @@ from diffmix.runs import save_checkpoint
 from diffmix.sdm.unet import UNetConfig, UNetModel, build_unet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(path: Path, diffusion_steps: int | None) -> Path:

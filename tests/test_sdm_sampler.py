@@ -17,13 +17,7 @@ from diffmix.sdm.settings import SamplerSettings
 DIFF = GaussianDiffusion.linear()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs run fastest single-threaded, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_start_index_integer_arithmetic():

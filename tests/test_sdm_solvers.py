@@ -40,12 +40,7 @@ ACP = DIFF.alphas_cumprod
 BUDGETS = (1, 2, 3, 5, 8, 10, 15, 20, 55)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ schedules

@@ -8,30 +8,17 @@ so that the benchmark's ratio and this parity are about the same code.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.train import make_optimizer, train_step
 from diffmix.sdm.unet import SELECTIVE_MIN_MACS, UNetConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_sdm_train", ROOT / "benchmarks" / "sdm_train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_benchmark("sdm_train")
 
 # Two levels, attention on the 8x8 level, 16-px crops: every block kind of the SDM U-Net (plain,
 # SPADE, up/down, attention, skip convs) in a step of a fraction of a second.

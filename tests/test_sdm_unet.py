@@ -36,13 +36,7 @@ TINY = dict(image_size=16, model_channels=32, channel_mult=(1, 2), num_res_block
             attention_resolutions=(8,), num_head_channels=16, label_nc=6)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs run fastest single-threaded, and the test machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**overrides) -> UNetConfig:

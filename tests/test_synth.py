@@ -44,12 +44,7 @@ FAST = dict(patch=32, stride=32, sampler=FAST_SAMPLER, progress=False)
 UNGUIDED = {**FAST, "sampler": replace(FAST_SAMPLER, guidance_scale=1.0)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the kill test's subprocess runs with OMP_NUM_THREADS=1 too
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unet_config(label_nc: int = 6) -> UNetConfig:
