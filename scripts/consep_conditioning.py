@@ -6,7 +6,7 @@ import json, sys
 import numpy as np
 from diffmix.data.io import read_dataset
 from diffmix.data.patches import grid_patches
-from diffmix.synth import read_manifest
+from diffmix.synth.manifest import read_manifest
 
 synth_dir, train_dir = sys.argv[1], sys.argv[2]
 syn = read_dataset(synth_dir)

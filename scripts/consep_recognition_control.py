@@ -8,7 +8,7 @@ import json, sys
 import numpy as np
 from diffmix.data.io import read_dataset
 from diffmix.data.patches import grid_patches
-from diffmix.synth import read_manifest
+from diffmix.synth.manifest import read_manifest
 from diffmix.utility import UtilitySettings, nucleus_crops, train_classifier, predict, confusion_per_image
 
 out_dir, train_dir, test_dir = sys.argv[1:4]

@@ -28,7 +28,10 @@ from diffmix.runs import save_checkpoint
 from diffmix.sdm.settings import SamplerSettings
 from diffmix.sdm.unet import UNetConfig, build_unet
 from diffmix.maps.enlarge import enlarge_dataset
-from diffmix.synth import MANIFEST, RECORDS_DIR, _Labels, patch_seed, plan_jobs, synthesize
+from diffmix.synth.jobs import PatchJob, patch_seed, plan_jobs
+from diffmix.synth.labels import LabelMaps
+from diffmix.synth.manifest import MANIFEST, RECORDS_DIR
+from diffmix.synth.run import chunks, synthesize
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEME = CONSEP.merged()
@@ -144,7 +147,7 @@ def test_plan_jobs_grid_names_and_spread(toy_dir):
 def test_enlarge_maps_are_those_of_enlarge_dataset(toy_dir):
     """Synthesis makes enlarging maps patch by patch; they must equal the whole-grid function's."""
     ds = read_dataset(toy_dir)
-    labels = _Labels(ds, ["enlarge"], 3, {}, ENLARGE)
+    labels = LabelMaps(ds, ["enlarge"], 3, {}, ENLARGE)
     ref = enlarge_dataset(ds.samples, patch=32, stride=32, seed=3, **ENLARGE)
     jobs = plan_jobs(ds, "enlarge", patch=32, stride=32, seed=3)
     assert [j.name for j in jobs] == [r.name for r in ref]
@@ -444,11 +447,22 @@ def test_own_maps_resynthesise_each_image_under_its_own_labels(toy_dir, random_c
 
 
 def test_batches_of_whole_images_share_one_size():
-    from diffmix.synth import PatchJob, _chunks
-
     def job(name, size):
         return PatchJob(name, name, 0, 0, (0, 0), "own", 0, size, True)
 
     jobs = [job("a", (32, 32)), job("b", (32, 32)), job("c", (64, 32)), job("d", (32, 32)), job("e", (32, 32)),
             job("f", (32, 32))]
-    assert [[j.name for j in c] for c in _chunks(jobs, 2)] == [["a", "b"], ["c"], ["d", "e"], ["f"]]
+    assert [[j.name for j in c] for c in chunks(jobs, 2)] == [["a", "b"], ["c"], ["d", "e"], ["f"]]
+
+
+def test_package_exports_resolve_from_their_modules():
+    """`diffmix.synth` keeps every name it exported as one module; each now lives in its own."""
+    import importlib
+
+    import diffmix.synth as pkg
+
+    for name, module in pkg._EXPORTS.items():
+        assert getattr(pkg, name) is getattr(importlib.import_module(module), name), name
+    assert set(pkg.__all__) <= set(pkg._EXPORTS)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pkg.no_such_name  # noqa: B018

@@ -70,7 +70,7 @@ def synthesize_cmd(
     from diffmix.data.io import read_dataset
     from diffmix.distributed import cleanup, is_main
     from diffmix.runs import check_output_file, write_json
-    from diffmix.synth import synthesize
+    from diffmix.synth.run import synthesize
 
     from diffmix.sdm.convert import check_weights
 

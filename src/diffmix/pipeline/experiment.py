@@ -34,6 +34,9 @@ from diffmix.errors import ConfigError, DataError
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
+from diffmix.synth.jobs import plan_jobs
+from diffmix.synth.labels import check_map_kwargs
+from diffmix.synth.manifest import source_images
 
 if TYPE_CHECKING:
     from diffmix.seg.data import Source
@@ -338,8 +341,6 @@ def validation_split(
     fold `fold` of `fold_splits(real, folds, seed)`. Synthetic patches re-synthesised from a
     validation image are dropped, so no validation image is seen through its re-synthesis
     (docs/study.md: choices are made on these folds, never on the test set)."""
-    from diffmix.synth import source_images
-
     if not 0 <= fold < folds:
         raise ConfigError(f"fold must be in 0..{folds - 1}, got {fold}")
     keep = set(fold_splits(real.names, folds, seed)[fold])
@@ -440,7 +441,6 @@ class Experiment:
         and segmenter configs of every arm (a typo would otherwise surface hours in)."""
         from diffmix.data.schemes import CONSEP
         from diffmix.distributed import resolve_device
-        from diffmix.synth import check_map_kwargs
 
         if self.device is not None:
             resolve_device(self.device)
@@ -593,8 +593,6 @@ class Experiment:
                 if s.max_patches is not None:
                     # the same grid positions as the SDM sets: every arm draws its synthetic
                     # patches from a pool of the same size and places (docs/study.md)
-                    from diffmix.synth import plan_jobs
-
                     keep = {j.name for j in plan_jobs(train, "balance", patch=s.patch, stride=s.stride,
                                                       seed=self.cfg.seed, max_patches=s.max_patches)}
                     patches = [p for p in patches if p.name in keep]
@@ -603,7 +601,7 @@ class Experiment:
                 _timed(self.log, "gradmix", t0, patches=len(patches))
             return read_dataset(out)
         if not (out / "DONE").exists():
-            from diffmix.synth import synthesize
+            from diffmix.synth.run import synthesize
 
             s = self.cfg.synthesis
             t0 = time.perf_counter()
@@ -618,10 +616,8 @@ class Experiment:
         return read_dataset(out)
 
     def source_image(self, kind: str, sample_name: str) -> str:
-        """The training image a synthetic patch was cut from (`synth.source_images`)."""
+        """The training image a synthetic patch was cut from (`synth.manifest.source_images`)."""
         if kind not in self._sources:
-            from diffmix.synth import source_images
-
             self._sources[kind] = source_images(self.synthetic(kind))
         return self._sources[kind][sample_name]
 

@@ -102,7 +102,7 @@ def sample_cmd(
     passes: Optional[int] = PASSES_OPTION,
     spacing: Optional[str] = SPACING_OPTION,
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call (each runs as 2x for CFG)."),
-    seed: int = typer.Option(0, help="Seed of the start noise (per image: its name, `diffmix.synth.patch_seed`)."),
+    seed: int = typer.Option(0, help="Seed of the start noise (per image: its name, `diffmix.synth.jobs.patch_seed`)."),
     weights: str = typer.Option("auto", help="auto (EMA when present, the official choice), ema or model."),
     scheme: Optional[str] = typer.Option(None, help="Class scheme of a raw maps dataset without dataset.json."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when available)."),
@@ -116,7 +116,8 @@ def sample_cmd(
     from diffmix.data.io import read_dataset
     from diffmix.distributed import cleanup, is_main
     from diffmix.runs import check_output_folder
-    from diffmix.synth import OWN, synthesize
+    from diffmix.synth.jobs import OWN
+    from diffmix.synth.run import synthesize
 
     settings = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
     check_output_folder(out)
