@@ -9,7 +9,7 @@ _EXPORTS = {
     "write_dataset": "diffmix.data.io",
     "NucleiSample": "diffmix.data.sample",
     "inst_centroids": "diffmix.data.sample",
-    "remap_ids": "diffmix.data.sample",
+    "remap_ids": "diffmix.data.labels",
     "CONSEP": "diffmix.data.schemes",
     "GLYSAC": "diffmix.data.schemes",
     "PANNUKE": "diffmix.data.schemes",

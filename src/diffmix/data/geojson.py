@@ -389,7 +389,8 @@ def geojson_to_maps(
 
 def _export_sources(src: Path, scheme: str | Path | ClassScheme | None) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], ClassScheme]:
     """(name, inst_map, type_map) of every image of a dataset or prediction folder + its scheme."""
-    from diffmix.data.io import IMAGE_SUFFIXES, labels_to_maps, read_dataset, read_dataset_json, read_mat_labels
+    from diffmix.data.io import IMAGE_SUFFIXES, read_dataset
+    from diffmix.data.labels import labels_to_maps, read_dataset_json, read_mat_labels
     from diffmix.data.schemes import CONSEP, get_scheme
 
     if not src.is_dir():

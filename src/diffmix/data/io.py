@@ -10,6 +10,10 @@ Layouts read (`read_dataset`):
   anywhere below the folder.
 Any folder written by diffmix carries `dataset.json` (class scheme, `merged: true`, provenance):
 its labels are already merged and are never merged again.
+
+Label files are found, read and merged-once by `diffmix.data.labels` (shared with the
+evaluation); this module pairs them with images, builds samples and writes datasets.
+`read_mat_labels` and `read_dataset_json` are re-exported from there.
 """
 
 from __future__ import annotations
@@ -25,21 +29,26 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from diffmix.data.sample import (
-    NucleiSample,
+from diffmix.data.labels import (
+    DATASET_JSON,
+    LABEL_SUFFIXES,
+    already_merged,
     as_label_map,
-    inst_centroids,
+    files_by_name,
+    format_names,
+    read_dataset_json,
+    read_label_maps,
+    read_mat_labels,
     remap_ids,
-    validation_problems,
     values_at,
 )
+from diffmix.data.sample import NucleiSample, inst_centroids, validation_problems
 from diffmix.data.schemes import CONSEP, PANNUKE, ClassScheme, get_scheme
-from diffmix.errors import ClassSchemeError, DataError, PairingError
+from diffmix.errors import DataError, PairingError
 from diffmix.runs import atomic_path, atomic_write_bytes, atomic_write_text
 
 _MAT_HEADER = b"MATLAB 5.0 MAT-file, written by diffmix".ljust(116, b" ")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-DATASET_JSON = "dataset.json"
 FORMAT_VERSION = 1
 
 __all__ = [
@@ -173,82 +182,6 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 # --------------------------------------------------------------------------- labels
 
 
-def read_mat_labels(path: str | Path) -> dict[str, np.ndarray]:
-    """The label arrays of a CoNSeP-style `.mat`: the keys present among `inst_map`, `type_map`,
-    `inst_type` (flattened to (N,)) and `inst_centroid` ((N, 2), x then y).
-
-    `inst_map` is required; a corrupt or foreign file raises DataError naming it.
-    """
-    import scipy.io
-
-    path = Path(path)
-    try:
-        mat = scipy.io.loadmat(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: label file not found") from None
-    except Exception as exc:  # scipy raises ValueError, MatReadError, TypeError ... on bad files
-        raise DataError(f"{path}: corrupt or unreadable .mat file ({exc})") from None
-    if "inst_map" not in mat:
-        keys = sorted(k for k in mat if not k.startswith("__"))
-        raise DataError(f"{path}: no 'inst_map' in .mat (keys: {keys})")
-    out: dict[str, np.ndarray] = {"inst_map": np.asarray(mat["inst_map"])}
-    if "type_map" in mat:
-        out["type_map"] = np.asarray(mat["type_map"])
-    if "inst_type" in mat:
-        out["inst_type"] = np.asarray(mat["inst_type"]).reshape(-1)
-    if "inst_centroid" in mat:
-        try:
-            cen = np.asarray(mat["inst_centroid"], dtype=np.float64)
-            cen = cen.reshape(-1, 2) if cen.size else np.zeros((0, 2))
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: inst_centroid must be an Nx2 array of numbers (x, y)") from None
-        bad = np.flatnonzero(~np.isfinite(cen).all(axis=1))
-        if bad.size:  # found here, where the file is known, not later as "image 1" of a list
-            raise DataError(
-                f"{path}: inst_centroid has {bad.size} row(s) with NaN or infinite values "
-                f"(0-based rows {bad[:5].tolist()})"
-            )
-        out["inst_centroid"] = cen
-    return out
-
-
-def type_map_from_inst_type(inst_map: np.ndarray, inst_type: np.ndarray, where: str) -> np.ndarray:
-    """Paint per-instance classes into a type map.
-
-    `inst_type` lists one class per instance in id order. With contiguous ids that is the
-    CoNSeP convention `inst_type[id - 1]`; with gaps (crops of larger maps) row k belongs to
-    the k-th smallest id present. Longer tables indexed by id (ids that vanished) also work.
-    """
-    inst_type = np.asarray(inst_type).reshape(-1).astype(np.int64)
-    ids = np.unique(inst_map)
-    ids = ids[ids > 0]
-    if ids.size == inst_type.size:
-        # keyed by the sorted ids, not a table over 0..max id (ids may reach 2**31-1)
-        return values_at(ids, inst_type, inst_map.astype(np.int64), default=0).astype(np.int32)
-    elif ids.size == 0 or ids.max() <= inst_type.size:
-        lut = np.concatenate([[0], inst_type])
-    else:
-        raise DataError(
-            f"{where}: inst_map has {ids.size} instances (max id {int(ids.max())}) "
-            f"but inst_type has {inst_type.size} entries"
-        )
-    return lut[inst_map.astype(np.int64)].astype(np.int32)
-
-
-def labels_to_maps(labels: Mapping[str, np.ndarray], where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(inst_map, type_map) int32 from a label dict: `type_map` if present, else `inst_type`."""
-    inst = as_label_map(labels["inst_map"], "inst_map", where)
-    if inst.ndim != 2:
-        raise DataError(f"{where}: inst_map has shape {inst.shape}, expected HxW")
-    if "type_map" in labels:
-        types = as_label_map(labels["type_map"], "type_map", where)
-    elif "inst_type" in labels:
-        types = type_map_from_inst_type(inst, as_label_map(labels["inst_type"], "inst_type", where), where)
-    else:
-        raise DataError(f"{where}: labels have neither 'type_map' nor 'inst_type'")
-    return inst, types
-
-
 def write_mat_labels(path: str | Path, inst_map: np.ndarray, type_map: np.ndarray) -> None:
     """Write a CoNSeP `.mat` atomically: `inst_map`, `type_map`, `inst_type` Nx1 and
     `inst_centroid` Nx2 (x, y), both in instance-id order (row k = k-th smallest id).
@@ -291,25 +224,6 @@ def write_hovernet_npy(path: str | Path, sample: NucleiSample) -> None:
             np.save(fh, arr)
 
 
-def _read_npy_labels(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(inst, type, image or None) from a generic `.npy`: 2xHxW / HxWx2 labels or HxWx5 patches."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as exc:
-        raise DataError(f"{path}: unreadable .npy ({exc})") from None
-    where = str(path)
-    if arr.ndim == 3 and arr.shape[2] == 5:
-        image = arr[:, :, :3]
-        if image.min() < 0 or image.max() > 255:
-            raise DataError(f"{where}: RGB channels of a HxWx5 patch are outside 0..255")
-        return arr[:, :, 3], arr[:, :, 4], np.ascontiguousarray(image.astype(np.uint8))
-    if arr.ndim == 3 and arr.shape[0] == 2:
-        return arr[0], arr[1], None
-    if arr.ndim == 3 and arr.shape[2] == 2:
-        return arr[:, :, 0], arr[:, :, 1], None
-    raise DataError(f"{where}: .npy labels must be 2xHxW, HxWx2 (inst, type) or HxWx5 patches, got {arr.shape}")
-
-
 # --------------------------------------------------------------------------- datasets
 
 
@@ -350,49 +264,23 @@ class Dataset:
         return counts
 
 
-def read_dataset_json(root: str | Path) -> dict[str, Any] | None:
-    path = Path(root) / DATASET_JSON
-    if not path.exists():
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable dataset description ({exc})") from None
-    if not isinstance(meta, dict) or "scheme" not in meta:
-        raise DataError(f"{path}: not a diffmix dataset description (no 'scheme')")
-    return meta
-
-
 def _resolve_scheme(
     root: Path, meta: dict[str, Any] | None, scheme: str | Path | ClassScheme | None, default: ClassScheme | None
 ) -> tuple[ClassScheme, bool]:
-    """(scheme whose merged classes the samples will carry, whether raw labels must be merged)."""
+    """(scheme whose merged classes the samples will carry, whether raw labels must be merged).
+
+    Merged folders keep their stored scheme (`already_merged`); raw ones merge with the requested
+    scheme, else the one their dataset.json names, else the layout's default.
+    """
     requested = get_scheme(scheme) if scheme is not None else None
-    if meta is not None and meta.get("merged", False):
-        stored = ClassScheme.from_json(meta["scheme"], where=str(root / DATASET_JSON))
-        if requested is not None and requested.name != stored.name:
-            raise ClassSchemeError(
-                f"{root}: labels are already merged with scheme {stored.name!r}; "
-                f"merging them again with {requested.name!r} would apply a class merge twice"
-            )
+    stored = already_merged(root, meta, requested)
+    if stored is not None:
         return stored.merged(), False
     if meta is not None and requested is None:
         requested = ClassScheme.from_json(meta["scheme"], where=str(root / DATASET_JSON))
     if requested is None:
         requested = default if default is not None else CONSEP
     return requested, True
-
-
-def _by_stem(folder: Path, suffixes: tuple[str, ...]) -> tuple[dict[str, Path], list[str]]:
-    """Files of `folder` with one of `suffixes`, keyed by name, and the names used twice."""
-    found: dict[str, Path] = {}
-    dupes: set[str] = set()
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in suffixes and not p.name.startswith("."):
-            if p.stem in found:
-                dupes.add(p.stem)
-            found[p.stem] = p
-    return found, sorted(dupes)
 
 
 def _pair_files(root: Path) -> tuple[list[tuple[str, Path | None, Path]], str]:
@@ -403,10 +291,13 @@ def _pair_files(root: Path) -> tuple[list[tuple[str, Path | None, Path]], str]:
         raise PairingError(f"{root}: has {have}/ but no {missing}/ folder")
     layout = "consep" if images_dir.is_dir() else "flat"
     image_folder, label_folder = (images_dir, labels_dir) if layout == "consep" else (root, root)
-    images, image_dupes = _by_stem(image_folder, IMAGE_SUFFIXES)
-    labels, label_dupes = _by_stem(label_folder, (".mat", ".npy"))
-    if image_dupes or label_dupes:
-        raise PairingError(f"{root}: several files share a name: {_names(image_dupes + label_dupes)}")
+    image_groups = files_by_name(image_folder, IMAGE_SUFFIXES)
+    label_groups = files_by_name(label_folder, LABEL_SUFFIXES)
+    dupes = [sorted(n for n, paths in groups.items() if len(paths) > 1) for groups in (image_groups, label_groups)]
+    if dupes[0] or dupes[1]:
+        raise PairingError(f"{root}: several files share a name: {format_names(dupes[0] + dupes[1])}")
+    images = {n: paths[0] for n, paths in image_groups.items()}
+    labels = {n: paths[0] for n, paths in label_groups.items()}
     if layout == "flat" and not images and labels:  # HoVer-Net HxWx5 patches carry their image
         return [(n, None, labels[n]) for n in sorted(labels)], "hovernet-npy"
     lonely_images = sorted(set(images) - set(labels))
@@ -414,18 +305,13 @@ def _pair_files(root: Path) -> tuple[list[tuple[str, Path | None, Path]], str]:
     if lonely_images or lonely_labels:
         parts = []
         if lonely_images:
-            parts.append(f"images without labels: {_names(lonely_images)}")
+            parts.append(f"images without labels: {format_names(lonely_images)}")
         if lonely_labels:
-            parts.append(f"labels without images: {_names(lonely_labels)}")
+            parts.append(f"labels without images: {format_names(lonely_labels)}")
         raise PairingError(f"{root}: " + "; ".join(parts))
     if not images:
         raise DataError(f"{root}: no images found (expected Images/ + Labels/, or image + .npy pairs)")
     return [(n, images[n], labels[n]) for n in sorted(images)], layout
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def _find_pannuke(root: Path) -> tuple[Path, Path] | None:
@@ -490,13 +376,7 @@ def _load_pair(
     name: str, image_path: Path | None, label_path: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(image, inst_map, raw type_map) of one pair; errors name the offending file."""
-    if label_path.suffix.lower() == ".mat":
-        inst, types = labels_to_maps(read_mat_labels(label_path), str(label_path))
-        embedded = None
-    else:
-        inst_raw, type_raw, embedded = _read_npy_labels(label_path)
-        inst = as_label_map(inst_raw, "inst_map", str(label_path))
-        types = as_label_map(type_raw, "type_map", str(label_path))
+    inst, types, embedded = read_label_maps(label_path)
     image = read_image(image_path) if image_path is not None else embedded
     assert image is not None
     if image.shape[:2] != inst.shape:
@@ -606,10 +486,10 @@ def write_dataset(
     names = [s.name for s in samples]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise DataError(f"{out}: several samples share a name: {_names(dupes)}")
+        raise DataError(f"{out}: several samples share a name: {format_names(dupes)}")
     bad = [n for n in names if not n or "/" in n or "\\" in n or n.startswith(".")]
     if bad:
-        raise DataError(f"{out}: sample names unusable as file names: {_names(bad)}")
+        raise DataError(f"{out}: sample names unusable as file names: {format_names(bad)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

@@ -11,24 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffmix.data.labels import as_label_map, compact_ids, remap_ids, values_at
 from diffmix.errors import DataError
 
-
-def as_label_map(arr: np.ndarray, what: str, where: str) -> np.ndarray:
-    """Cast an integer-valued label map to int32, refusing floats with fractions and overflow."""
-    arr = np.asarray(arr)
-    if arr.dtype == bool:
-        return arr.astype(np.int32)
-    if arr.dtype.kind == "f":
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-            raise DataError(f"{where}: {what} has non-integer values (dtype {arr.dtype})")
-    elif arr.dtype.kind not in "iu":
-        raise DataError(f"{where}: {what} has dtype {arr.dtype}, expected integers")
-    if arr.size and (arr.min() < 0):
-        raise DataError(f"{where}: {what} has negative ids (min {arr.min()})")
-    if arr.size and arr.max() > np.iinfo(np.int32).max:
-        raise DataError(f"{where}: {what} has ids above 2**31-1 (max {arr.max()})")
-    return arr.astype(np.int32, copy=False)
+# Label-map helpers live in `diffmix.data.labels` (the label layer under this contract); they
+# stay importable from here, where they were first written and are still imported from.
+__all__ = [
+    "NucleiSample",
+    "as_label_map",
+    "compact_ids",
+    "inst_centroids",
+    "instance_classes",
+    "remap_ids",
+    "validation_problems",
+    "values_at",
+]
 
 
 def instance_classes(inst_map: np.ndarray, type_map: np.ndarray) -> dict[int, set[int]]:
@@ -168,58 +165,3 @@ def inst_centroids(inst_map: np.ndarray) -> dict[int, tuple[float, float]]:
     sx = np.bincount(inv, weights=xs)
     sy = np.bincount(inv, weights=ys)
     return {int(i): (float(sx[k] / counts[k]), float(sy[k] / counts[k])) for k, i in enumerate(uniq)}
-
-
-def compact_ids(inst_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, dense): the instance ids present and the map renumbered to 1..N.
-
-    inst_map: non-negative integer HxW (any id up to 2**31-1). Returns `ids` int64 (N,),
-    ascending, 0 excluded, and `dense` int32 of inst_map's shape where ids[k] became k + 1
-    (0 stays 0). Per-instance tables indexed by `dense` have N + 1 entries: tables indexed by
-    the raw id have max-id + 1 entries, 16 GiB for one nucleus labelled 2**31-1. A bincount
-    is used when the largest id is small next to the map (the common case), a sort otherwise.
-    """
-    inst = np.asarray(inst_map)
-    if inst.size == 0 or int(inst.max()) <= 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(inst.shape, dtype=np.int32)
-    top = int(inst.max())
-    if top <= 4 * inst.size + 4096:  # a table of `top` entries costs no more than the map
-        flat = inst.ravel().astype(np.int64, copy=False)
-        present = np.flatnonzero(np.bincount(flat, minlength=top + 1)[1:]) + 1
-        lut = np.zeros(top + 1, dtype=np.int32)
-        lut[present] = np.arange(1, present.size + 1, dtype=np.int32)
-        return present.astype(np.int64), lut[flat].reshape(inst.shape)
-    uniq, inverse = np.unique(inst, return_inverse=True)
-    dense = inverse.reshape(inst.shape).astype(np.int32)
-    if uniq[0] == 0:
-        return uniq[1:].astype(np.int64), dense
-    return uniq.astype(np.int64), dense + 1
-
-
-def values_at(ids: np.ndarray, values: np.ndarray, query: np.ndarray, default: int = 0) -> np.ndarray:
-    """`values[k]` where `query == ids[k]`, else `default`: a lookup keyed by sorted `ids`.
-
-    Replaces `lut = zeros(max_id + 1); lut[ids] = values; lut[query]`, whose size is the
-    largest id rather than the number of instances (see `compact_ids`).
-    """
-    ids = np.asarray(ids)
-    values = np.asarray(values)
-    query = np.asarray(query)
-    if ids.size == 0:
-        return np.full(query.shape, default, dtype=values.dtype)
-    pos = np.clip(np.searchsorted(ids, query), 0, ids.size - 1)
-    return np.where(ids[pos] == query, values[pos], default).astype(values.dtype, copy=False)
-
-
-def remap_ids(inst_map: np.ndarray) -> np.ndarray:
-    """Renumber instance ids to 1..N keeping their order (hover_net `remap_label`), int32."""
-    inst_map = np.asarray(inst_map)
-    ids = np.unique(inst_map)
-    ids = ids[ids > 0]
-    if ids.size == 0:
-        return np.zeros(inst_map.shape, dtype=np.int32)
-    if ids[0] == 1 and ids[-1] == ids.size:
-        return inst_map.astype(np.int32, copy=False)
-    lut_keys = np.concatenate([[0], ids])
-    pos = np.searchsorted(lut_keys, inst_map)
-    return pos.astype(np.int32)

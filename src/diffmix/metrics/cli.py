@@ -26,7 +26,7 @@ def _check_classes_known(class_ids: list[int], true: Path) -> None:
     A class with no nucleus on either side scores F1 = 1.0 (metrics/classification.py), so a
     mistyped id would otherwise print a perfect score for a class that does not exist.
     """
-    from diffmix.data.io import read_dataset_json
+    from diffmix.data.labels import read_dataset_json
     from diffmix.data.schemes import ClassScheme
 
     meta = read_dataset_json(true) if Path(true).is_dir() else None

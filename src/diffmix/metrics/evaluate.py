@@ -26,6 +26,17 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from diffmix.data.labels import (
+    PREDICTION_NPY,
+    already_merged,
+    as_class_ids,
+    find_dataset_json,
+    format_names,
+    label_files,
+    official_name,
+    read_mat_labels,
+    read_npy_labels,
+)
 from diffmix.data.schemes import ClassScheme, get_scheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
 from diffmix.metrics.classification import (
@@ -37,7 +48,8 @@ from diffmix.metrics.classification import (
 )
 from diffmix.metrics.instance import INSTANCE_METRICS, instance_metrics
 
-LABEL_SUFFIXES = (".mat", ".npy")
+# Label files are found, read and merged-once by `diffmix.data.labels`, the layer the dataset
+# reader uses too (`label_files` stays importable from here).
 
 
 @dataclass(frozen=True)
@@ -141,59 +153,18 @@ def evaluate_samples(
 # --------------------------------------------------------------------------- files
 
 
-def label_files(folder: str | Path) -> dict[str, Path]:
-    """Label files of a folder keyed by the name before the first dot (official matching).
-
-    A diffmix dataset folder (with `Labels/`) is read from its `Labels/`. Two files with
-    the same name (`a.mat` and `a.npy`, or `a.x.mat`) are an error.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder")
-    files = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in LABEL_SUFFIXES]
-    if not files and (folder / "Labels").is_dir():
-        return label_files(folder / "Labels")
-    out: dict[str, Path] = {}
-    for f in sorted(files):
-        name = f.name.split(".")[0]
-        if name in out:
-            raise PairingError(f"{folder}: {out[name].name} and {f.name} both give image {name!r}")
-        out[name] = f
-    if not out:
-        raise DataError(f"{folder}: no .mat or .npy label files")
-    return out
-
-
-def _dataset_meta(folder: Path) -> dict[str, Any] | None:
-    from diffmix.data.io import read_dataset_json
-
-    for root in (folder, folder.parent) if folder.name == "Labels" else (folder,):
-        meta = read_dataset_json(root)
-        if meta is not None:
-            return meta
-    return None
-
-
 def true_merge(true_dir: str | Path, scheme: ClassScheme | None) -> ClassScheme | None:
     """The scheme to merge ground-truth classes with, or None when no merge applies.
 
     With a scheme the ground truth is raw (e.g. CoNSeP's 7 classes) and is merged, unless the
-    folder's `dataset.json` says diffmix already merged it (a merge is applied exactly once);
-    a folder merged with a different scheme is an error.
+    `dataset.json` of the folder (or, for a `Labels/` folder, of its dataset root) says diffmix
+    already merged it (a merge is applied exactly once); a folder merged with a different
+    scheme is an error (`diffmix.data.labels.already_merged`).
     """
     if scheme is None:
         return None
-    folder = Path(true_dir)
-    meta = _dataset_meta(folder)
-    if meta is not None and meta.get("merged", False):
-        stored = ClassScheme.from_json(meta["scheme"], where=f"{folder}/dataset.json")
-        if stored.name != scheme.name:
-            raise ClassSchemeError(
-                f"{folder}: ground truth is already merged with scheme {stored.name!r}, "
-                f"not {scheme.name!r}"
-            )
-        return None
-    return scheme
+    meta, root = find_dataset_json(Path(true_dir))
+    return None if already_merged(root, meta, scheme) is not None else scheme
 
 
 def read_label_file(path: str | Path, merge: ClassScheme | None = None) -> LabelFile:
@@ -203,24 +174,13 @@ def read_label_file(path: str | Path, merge: ClassScheme | None = None) -> Label
     map) as hover_net writes them, or a `type_map`; `inst_type` wins when both are present
     (as in compute_stats.py). `.npy`: HxW instance map, or HxWx2 (instance, type).
     """
-    from diffmix.data.io import read_mat_labels
-
     path = Path(path)
-    name = path.name.split(".")[0]
+    name = official_name(path)
     where = str(path)
     if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{where}: unreadable .npy file ({exc})") from None
-        if arr.ndim == 2:
-            inst, tmap = arr, None
-        elif arr.ndim == 3 and arr.shape[2] == 2:
-            inst, tmap = arr[..., 0], arr[..., 1]
-        else:
-            raise DataError(f"{where}: .npy labels must be HxW or HxWx2 (inst, type), got {arr.shape}")
+        inst, tmap, _ = read_npy_labels(path, PREDICTION_NPY)
         if tmap is not None and merge is not None:
-            tmap = merge.merge_type_map(_ints(tmap, where, "type map"), where=where)
+            tmap = merge.merge_type_map(as_class_ids(tmap, where, "type map"), where=where)
         try:
             return labels_from_maps(name, inst, tmap)
         except DataError as exc:
@@ -233,7 +193,7 @@ def read_label_file(path: str | Path, merge: ClassScheme | None = None) -> Label
         raise DataError(f"{where}: {exc}") from None
     types: np.ndarray | None = derived_types if "type_map" in labels else None
     if "inst_type" in labels:
-        types = _ints(labels["inst_type"], where, "inst_type")
+        types = as_class_ids(labels["inst_type"], where, "inst_type")
         if "inst_centroid" in labels:
             centroids = labels["inst_centroid"]
             if len(centroids) != len(types):
@@ -247,22 +207,6 @@ def read_label_file(path: str | Path, merge: ClassScheme | None = None) -> Label
     if types is not None and merge is not None:
         types = merge.merge_type_map(types, where=f"{where} (inst_type)").astype(np.int64)
     return LabelFile(name, inst, np.asarray(centroids, dtype=np.float64).reshape(-1, 2), types)
-
-
-def _ints(arr: np.ndarray, where: str, what: str) -> np.ndarray:
-    arr = np.asarray(arr)
-    if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr))):
-        raise DataError(f"{where}: {what} has non-integer class ids")
-    if arr.dtype.kind not in "iufb":
-        raise DataError(f"{where}: {what} has dtype {arr.dtype}, expected integers")
-    if arr.size and arr.min() < 0:
-        raise DataError(f"{where}: {what} has negative class ids")
-    return arr.astype(np.int64)
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def evaluate_folders(
@@ -294,10 +238,10 @@ def evaluate_folders(
     true_files = label_files(true_dir)
     missing = sorted(set(true_files) - set(pred_files))
     if missing:
-        raise PairingError(f"{pred_dir}: no prediction for ground-truth images {_names(missing)}")
+        raise PairingError(f"{pred_dir}: no prediction for ground-truth images {format_names(missing)}")
     extra = sorted(set(pred_files) - set(true_files))
     if extra:
-        raise PairingError(f"{true_dir}: no ground truth for predicted images {_names(extra)}")
+        raise PairingError(f"{true_dir}: no ground truth for predicted images {format_names(extra)}")
     merge = true_merge(true_dir, resolved)
     names = sorted(true_files)
     true = [read_label_file(true_files[n], merge) for n in names]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from diffmix.data.sample import as_label_map
+from diffmix.data.labels import as_label_map, compact_ids
 from diffmix.errors import DataError
 
 #: Metric names of `instance_metrics`, in the order of the `--json` output.
@@ -170,8 +170,8 @@ def remap_label(inst_map: np.ndarray) -> np.ndarray:
     arr = np.asarray(inst_map)
     if arr.ndim != 2:
         raise DataError(f"inst_map must be HxW, got shape {arr.shape}")
-    _, _, idx = _compact(_as_ids(arr, "inst_map"))
-    return idx.reshape(arr.shape).astype(np.int32)
+    # checked as the metrics check maps, then renumbered by the label layer's one compaction
+    return compact_ids(_as_ids(arr, "inst_map").reshape(arr.shape))[1]
 
 
 # ---------------------------------------------------------------- the metrics, from a table
