@@ -372,3 +372,37 @@ def test_gradmix_follows_the_balance_settings(tmp_path: Path) -> None:
     minor = train.scheme.minor_class
     original = sum(int((p.type_map == minor).sum()) for img in train for p in grid_patches(img, 32, 32))
     assert sum(int((p.type_map == minor).sum()) for p in gradmix.values()) > original
+
+
+def test_figures_take_datasets_not_the_experiment(tmp_path: Path) -> None:
+    """`pipeline.figures` works on plain datasets (no Experiment, no import cycle): the row whose
+    balancing map gained the most minor-class nuclei comes first, and both figures are written."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from diffmix.data.io import Dataset
+    from diffmix.data.patches import grid_patches
+    from diffmix.data.toy import generate_toy_samples
+    from diffmix.pipeline.figures import make_figures, sample_rows
+
+    code = "import sys, diffmix.pipeline.figures; print('diffmix.pipeline.experiment' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    scheme = CONSEP.merged()
+    train = Dataset(generate_toy_samples(1, 64, 0), scheme)
+    grid = grid_patches(train[0], 32, 32)
+    minor = scheme.minor_class
+    # the balancing "maps": patch 2 turned wholly minor-class, the others untouched
+    balance = [p.replace(type_map=np.where(p.inst_map > 0, minor, 0).astype(np.int32)) if i == 2 else p
+               for i, p in enumerate(grid)]
+    assert any(c != minor for c in grid[2].inst_types().values())  # so patch 2 gains
+    rows = sample_rows(train, {"balance": Dataset(balance, scheme), "gradmix": Dataset(grid[1:], scheme)},
+                       patch=32, stride=32, n_rows=2)
+    assert len(rows) == 2 and [label for label, _ in rows[0]] == [
+        "original", "original labels", "balancing map", "DiffMix-B", "enlarging map", "DiffMix-E", "GradMix"]
+    assert np.array_equal(rows[0][0][1], grid[2].image) and rows[0][4][1] is None  # no enlarge set given
+    assert np.array_equal(rows[0][6][1], grid[2].image)  # GradMix's patch at the same place
+    paths = make_figures(tmp_path / "figures", {"original": {"1": 3, "2": 5}}, scheme, rows)
+    assert sorted(paths) == ["class_distribution", "samples"] and all(p.is_file() for p in paths.values())
+    assert list(make_figures(tmp_path / "f2", {"original": {1: 3}}, scheme, [])) == ["class_distribution"]

@@ -31,6 +31,9 @@ from diffmix.data.patches import grid_patches
 from diffmix.data.sample import NucleiSample
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError, DataError
+from diffmix.pipeline.figures import make_figures, sample_rows
+from diffmix.pipeline.intervals import headline_intervals
+from diffmix.pipeline.report import fold_row, summarise, write_report
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
@@ -773,9 +776,6 @@ class Experiment:
 
     # ---- everything
     def run(self) -> dict[str, Any]:
-        from diffmix.pipeline.intervals import headline_intervals
-        from diffmix.pipeline.report import fold_row, summarise
-
         train, test = self.datasets()
         splits = fold_splits(train.names, self.cfg.folds, self.cfg.seed)
         networks: dict[str, Any] = {}
@@ -842,13 +842,14 @@ def run_experiment(
     config: ExperimentConfig, out: str | Path, *, device: str | None = None, progress: bool = True
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run (or finish) the experiment in `out` and write the report; returns (results, report paths)."""
-    from diffmix.pipeline.figures import make_figures
-    from diffmix.pipeline.report import write_report
-
     exp = Experiment(config, out, device=device, progress=progress)
     results = exp.run()
     train, _ = exp.datasets()
-    figures = make_figures(exp, results)
+    s = config.synthesis
+    kinds = sorted({k for a in config.arms for k in ARM_SETS[a]})
+    rows = sample_rows(train, {k: exp.synthetic(k) for k in kinds}, patch=s.patch, stride=s.stride,
+                       n_rows=config.sample_rows)
+    figures = make_figures(exp.out / "figures", results["class_counts"], train.scheme, rows)
     notes = [
         "Instance metrics are per-image means over the test set; Acc and F are pooled over it "
         "(HoVer-Net compute_stats conventions, 12-px centroid pairing).",
