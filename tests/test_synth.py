@@ -466,3 +466,36 @@ def test_package_exports_resolve_from_their_modules():
     assert set(pkg.__all__) <= set(pkg._EXPORTS)
     with pytest.raises(AttributeError, match="no_such_name"):
         pkg.no_such_name  # noqa: B018
+
+
+def test_source_images_come_from_records_or_provenance_never_from_a_guess(toy_dir, random_ckpt, tmp_path):
+    """Which training image each sample of a derived folder comes from: a synthetic set's
+    manifest records (a sample without one is an error, not a guess from its name); GradMix
+    folders say in their provenance whether they hold grid patches or whole images."""
+    from diffmix.data.patches import grid_patches
+    from diffmix.synth.manifest import read_manifest, source_images
+
+    out = tmp_path / "both"
+    synthesize(toy_dir, random_ckpt, out, maps="both", max_patches=2, **FAST)
+    src = source_images(read_dataset(out))
+    records = read_manifest(out)["patches"]
+    assert len(src) == 4 and src == {r["name"]: r["source_image"] for r in records}
+    # names end in the map kind: the old name-based fallback read "toy_000_000_balance" as "toy_000_000"
+    assert set(src.values()) == {"toy_000", "toy_001"}
+    manifest = json.loads((out / MANIFEST).read_text())
+    dropped = manifest["patches"].pop(0)["name"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"1 sample\(s\) have no record in manifest.json \(e.g. \['{dropped}'\]\)"):
+        source_images(read_dataset(out))
+
+    toy = read_dataset(toy_dir)
+    grid = [p for img in toy for p in grid_patches(img, 32, 32)]
+    write_dataset(tmp_path / "gm-grid", grid, SCHEME, {"kind": "gradmix", "seed": 0, "patch": 32, "stride": 32})
+    assert source_images(read_dataset(tmp_path / "gm-grid")) == {p.name: p.name[:7] for p in grid}
+    write_dataset(tmp_path / "gm-whole", toy.samples, SCHEME, {"kind": "gradmix", "seed": 0})
+    assert source_images(read_dataset(tmp_path / "gm-whole")) == {"toy_000": "toy_000", "toy_001": "toy_001"}
+    with pytest.raises(DataError, match="not a GradMix or label-maps folder"):
+        source_images(toy)
+    write_dataset(tmp_path / "gm-bad", [grid[0].replace(name="stray")], SCHEME, {"kind": "gradmix", "patch": 32})
+    with pytest.raises(DataError, match="'stray' is not a grid patch name"):
+        source_images(read_dataset(tmp_path / "gm-bad"))

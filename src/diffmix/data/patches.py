@@ -47,6 +47,14 @@ def patch_name(name: str, index: int) -> str:
     return f"{name}_{index:03d}"
 
 
+def split_patch_name(name: str) -> tuple[str, int]:
+    """(image name, patch index) of a `patch_name`; DataError when `name` is not one."""
+    image, _, index = name.rpartition("_")
+    if not image or len(index) < 3 or not (index.isascii() and index.isdigit()):
+        raise DataError(f"{name!r} is not a grid patch name (<image>_<index, 3+ digits>)")
+    return image, int(index)
+
+
 def grid_patches(sample: NucleiSample, size: int = 256, stride: int = 76) -> list[NucleiSample]:
     """All grid patches of one image, in patch_idx order, named `<name>_<idx:03d>`."""
     h, w = sample.shape

@@ -135,8 +135,3 @@ def class_counts(inst_map: np.ndarray, type_map: np.ndarray, class_ids: Sequence
         counts[int(cls)] = counts.get(int(cls), 0) + int(n)
     return counts
 
-
-def add_counts(total: dict[int, int], counts: Mapping[Any, int]) -> None:
-    """Add per-class counts (keys may be JSON strings) into `total`, in place."""
-    for k, v in counts.items():
-        total[int(k)] = total.get(int(k), 0) + int(v)

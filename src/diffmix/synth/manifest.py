@@ -5,6 +5,8 @@ written after the patch's files (so a record means a complete patch); at the end
 merges them into `manifest.json` with the run's config, provenance and per-kind totals. A
 record says where a patch comes from (source image, offset, map kind), its noise seed, the
 sampler settings, the checkpoint's sha256, and the nuclei per class before and after the edit.
+`source_images` answers, from the records (or, for the folders without a manifest, from what
+wrote them), which training image each sample of a derived folder comes from.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from diffmix.data.io import Dataset
+from diffmix.data.patches import split_patch_name
 from diffmix.errors import DataError
 from diffmix.runs import atomic_write_text, write_json
 from diffmix.synth.jobs import MAP_KINDS, OWN, PatchJob
-from diffmix.synth.labels import add_counts
 
 MANIFEST = "manifest.json"
 RECORDS_DIR = "manifest.d"  # per-patch records of an unfinished run, merged into MANIFEST
@@ -45,6 +47,12 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 def str_keys(counts: Mapping[int, int]) -> dict[str, int]:
     """Per-class counts with the JSON form of their keys."""
     return {str(k): int(v) for k, v in counts.items()}
+
+
+def add_counts(total: dict[int, int], counts: Mapping[Any, int]) -> None:
+    """Add per-class counts (keys may be JSON strings, as records hold them) into `total`."""
+    for k, v in counts.items():
+        total[int(k)] = total.get(int(k), 0) + int(v)
 
 
 def patch_record(
@@ -99,18 +107,45 @@ def read_manifest(out: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
-def source_images(dataset: Dataset) -> dict[str, str]:
-    """The training image each patch of a derived dataset was cut from, by patch name.
+#: Folders without a manifest whose samples' sources are known from what wrote them
+#: (dataset.json provenance "kind"): grid patches named `patch_name(image, index)`, or whole
+#: images under their source's name. GradMix folders are grid patches when the experiment cut
+#: them (provenance "patch"), whole images from `diffmix gradmix`.
+GRID_KINDS: tuple[str, ...] = ("enlarging-maps",)
+WHOLE_KINDS: tuple[str, ...] = ("balancing-maps",)
 
-    Synthetic sets record it in their manifest; grid patches without one (GradMix folders)
-    are named `<image>_<index>`, so the name without its last `_` part is the image.
+
+def source_images(dataset: Dataset) -> dict[str, str]:
+    """The training image each sample of a derived dataset was made from, by sample name.
+
+    A synthetic set (`diffmix synthesize`, `sdm sample`) answers from its manifest records,
+    merged or not yet merged; a sample without a record is a DataError (the folder was changed
+    after synthesis). A GradMix or label-maps folder has no manifest: its provenance says
+    whether it holds grid patches (named `<image>_<index>`) or whole images (named as their
+    source). Any other folder is a DataError: nothing says where its samples come from.
     """
-    records = {}
-    if dataset.root is not None:
-        manifest = read_manifest(dataset.root)
-        if manifest is not None:
-            records = {rec["name"]: rec["source_image"] for rec in manifest.get("patches", [])}
-    return {name: records.get(name, name.rsplit("_", 1)[0]) for name in dataset.names}
+    root = dataset.root
+    if root is None:
+        raise DataError("a dataset without a folder (a subset) has no record of its samples' source images")
+    if (root / MANIFEST).exists() or (root / RECORDS_DIR).is_dir():
+        records = known_records(root)
+        missing = [n for n in dataset.names if n not in records]
+        if missing:
+            raise DataError(
+                f"{root}: {len(missing)} sample(s) have no record in {MANIFEST} (e.g. {missing[:5]}), so their "
+                "source images are unknown; was the folder changed after synthesis?"
+            )
+        return {n: str(records[n]["source_image"]) for n in dataset.names}
+    provenance = (dataset.meta or {}).get("provenance") or {}
+    kind = provenance.get("kind")
+    if kind in GRID_KINDS or (kind == "gradmix" and provenance.get("patch") is not None):
+        return {n: split_patch_name(n)[0] for n in dataset.names}
+    if kind in WHOLE_KINDS or kind == "gradmix":
+        return {n: n for n in dataset.names}
+    raise DataError(
+        f"{root}: no {MANIFEST} and not a GradMix or label-maps folder (dataset.json provenance kind "
+        f"{kind!r}), so the source image of its samples is unknown"
+    )
 
 
 def known_records(out: Path) -> dict[str, dict[str, Any]]:

@@ -40,9 +40,10 @@ from diffmix.sdm.sampler import diffmix_sample, to_uint8
 from diffmix.sdm.settings import DEFAULTS, SamplerSettings
 from diffmix.sdm.solvers import sampling_schedule
 from diffmix.synth.jobs import MapsChoice, PatchJob, maps_list, plan_jobs
-from diffmix.synth.labels import LabelMaps, add_counts, check_map_kwargs, class_counts
+from diffmix.synth.labels import LabelMaps, check_map_kwargs, class_counts
 from diffmix.synth.manifest import (
     MANIFEST,
+    add_counts,
     dataset_fingerprint,
     is_done,
     known_records,
