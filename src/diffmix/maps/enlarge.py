@@ -29,6 +29,7 @@ from scipy import ndimage as ndi
 
 from diffmix.data.sample import NucleiSample, compact_ids
 from diffmix.errors import ConfigError, DataError
+from diffmix.seeds import enlarge_rng
 
 SQUARE = np.ones((3, 3), dtype=bool)
 
@@ -204,8 +205,9 @@ def enlarge_dataset(
 
     Returns one NucleiSample per grid patch, named `<name>_<idx:03d>` in patch_idx order as
     `diffmix.data.patches.grid_patches` does; its image is the original patch, untouched.
-    Patch (i, idx) draws from its own stream seeded by (seed, sample index i, idx), so a patch's
-    map does not depend on how many other patches are made.
+    Patch (i, idx) draws from its own stream seeded by (seed, sample index i, idx)
+    (`diffmix.seeds.enlarge_rng`), so a patch's map does not depend on how many other patches
+    are made.
     """
     from diffmix.data.patches import grid_offsets, patch_name
 
@@ -216,7 +218,7 @@ def enlarge_dataset(
         h, w = sample.shape
         for idx, (y, x) in enumerate(grid_offsets(h, w, patch, stride)):
             sl = (slice(y, y + patch), slice(x, x + patch))
-            rng = np.random.default_rng([seed, i, idx])
+            rng = enlarge_rng(seed, i, idx)
             # enlarge_patch remaps the crop's ids itself (spec 5/6b step 1)
             inst, types, _ = enlarge_patch(
                 sample.inst_map[sl], sample.type_map[sl], rng=rng, frame=frame, shift_range=shift_range,

@@ -4,8 +4,9 @@ spec 5: the dataset has 6 x #images items; item i is image i // 6 under augmenta
 and every draw of an item takes a fresh uniform random crop. The official loader shuffles a
 DataLoader and cycles it forever; here the item order and the crops are pure functions of
 (seed, step, rank): the step's global positions index a stream of per-epoch permutations, and
-the crop offsets come from a Generator seeded with (seed, step, rank). So a resumed run draws
-exactly the items the uninterrupted run would have drawn, without any loader state, and DDP
+the crop offsets come from a Generator seeded with (seed, step, rank) (`diffmix.seeds` names
+both). So a resumed run draws exactly the items the uninterrupted run would have drawn, without
+any loader state, and DDP
 ranks draw disjoint slices of the same stream (no item repeats within an epoch across ranks).
 Unlike the official `drop_last` DataLoader the stream runs on across epoch ends, so datasets
 with fewer than batch-size items still train.
@@ -22,17 +23,9 @@ import torch
 from diffmix.data.patches import augment, random_crop
 from diffmix.data.sample import NucleiSample
 from diffmix.errors import DataError
+from diffmix.seeds import sdm_crop_rng, sdm_noise_seed, sdm_order_rng, sdm_preview_rng
 
 NUM_AUGMENTATIONS = 6  # spec 5: identity, rot90 x1/x2/x3, flip W, flip H
-
-# Stream tags so the permutation, crop and noise generators never share a seed.
-_PERMUTATION, _CROP, _NOISE, _PREVIEW = 0, 1, 2, 3
-
-
-def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
-    """A 63-bit seed derived from (seed, step, rank, stream) by numpy's SeedSequence hashing."""
-    state = np.random.SeedSequence([int(seed), int(stream), int(step), int(rank)]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 ^ int(state[1])
 
 
 def item_indices(
@@ -49,7 +42,7 @@ def item_indices(
     epochs, within = np.divmod(pos, num_items)
     out = np.empty(batch_size, dtype=np.int64)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([int(seed), _PERMUTATION, int(epoch)]).permutation(num_items)
+        perm = sdm_order_rng(seed, epoch).permutation(num_items)
         sel = epochs == epoch
         out[sel] = perm[within[sel]]
     return out
@@ -107,7 +100,7 @@ def training_batch(
     if small:
         raise DataError(f"images smaller than the {crop_size}-px training crop: {small[:5]}")
     items = item_indices(NUM_AUGMENTATIONS * len(samples), step, batch_size, seed, rank, world_size)
-    rng = np.random.default_rng(step_seed(seed, step, rank, _CROP))
+    rng = sdm_crop_rng(seed, step, rank)
     crops = [make_item(samples[i // NUM_AUGMENTATIONS], int(i % NUM_AUGMENTATIONS), crop_size, rng) for i in items]
     image, inst, types = stack_samples(crops)
     return TrainBatch(image=image, inst_map=inst, type_map=types, items=items)
@@ -115,12 +108,12 @@ def training_batch(
 
 def noise_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """CPU generator for a step's timesteps, noise and label-drop draws (counter-based, see module doc)."""
-    return torch.Generator().manual_seed(step_seed(seed, step, rank, _NOISE))
+    return torch.Generator().manual_seed(sdm_noise_seed(seed, step, rank))
 
 
 def preview_batch(samples: Sequence[NucleiSample], count: int, crop_size: int, seed: int) -> TrainBatch:
     """A fixed batch for the sample grids: `count` un-augmented crops drawn once from `seed`."""
-    rng = np.random.default_rng(step_seed(seed, 0, 0, _PREVIEW))
+    rng = sdm_preview_rng(seed)
     picks = [samples[i % len(samples)] for i in range(count)]
     crops = [random_crop(s, crop_size, rng) for s in picks]
     image, inst, types = stack_samples(crops)

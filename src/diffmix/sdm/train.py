@@ -34,15 +34,15 @@ from diffmix.runs import (
     save_checkpoint,
     set_rng_state,
 )
-from diffmix.sdm.data import noise_generator, preview_batch, step_seed, training_batch
+from diffmix.sdm.data import noise_generator, preview_batch, training_batch
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample, to_uint8
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
 from diffmix.sdm.unet import UNetConfig, UNetModel
+from diffmix.seeds import preview_noise_seed, sdm_dropout_seed, weights_seed
 
 CHECKPOINT_PATTERN = "ckpt_*.safetensors"
-_DROPOUT = 4  # step_seed stream of the global torch RNG (model dropout)
 
 
 class SDMTrainConfig(BaseModel):
@@ -277,7 +277,7 @@ def sample_grid(
     cond = condition_batch(inst_map.to(device), type_map.to(device), num_classes)
     y0 = y0.to(device)
     columns = [np.stack([label_rgb(t, c[-1]) for t, c in zip(type_map.numpy(), cond.cpu().numpy())]), to_uint8(y0)]
-    noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    noise = torch.randn(y0.shape, generator=torch.Generator().manual_seed(preview_noise_seed(seed))).to(device)
     for model in models:
         was_training = model.training
         model.eval()
@@ -333,7 +333,7 @@ def train_sdm(
         out, resuming = prepare_run_folder(out, run_cfg, kind="sdm-train", clean=False)
     out = Path(out)
 
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    torch.manual_seed(weights_seed(cfg.seed))  # same initial weights on every rank
     model = UNetModel(cfg.unet).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = make_optimizer(model.parameters(), cfg.phase1_lr, cfg.weight_decay)
@@ -406,7 +406,7 @@ def train_sdm(
         t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), generator=gen)
         noise = torch.randn(batch.image.shape, generator=gen)
         keep = (torch.rand(cfg.batch_size, generator=gen) >= drop).float()  # spec 1.5: zero the whole map
-        torch.manual_seed(step_seed(cfg.seed, step, info.rank, _DROPOUT))
+        torch.manual_seed(sdm_dropout_seed(cfg.seed, step, info.rank))
 
         x0, noise, t = batch.image.to(dev), noise.to(dev), t.to(dev)
         cond = condition_batch(batch.inst_map.to(dev), batch.type_map.to(dev), num_classes)

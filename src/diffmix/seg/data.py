@@ -1,7 +1,7 @@
 """Training items for the segmenter: mixed original + synthetic datasets -> augmented patches + targets.
 
 An item is fully determined by (seed, epoch, position): its crop offset, dihedral element and
-colour jitter come from `numpy.random.default_rng([seed, epoch, position])`. Nothing about the
+colour jitter come from `diffmix.seeds.item_rng(seed, epoch, position)`. Nothing about the
 data stream is stateful, so a resumed run (any step, any number of ranks) draws exactly the
 patches the uninterrupted run would have drawn, without saving loader state.
 
@@ -56,6 +56,7 @@ from diffmix.data.io import Dataset
 from diffmix.data.patches import dihedral_arrays
 from diffmix.data.sample import NucleiSample
 from diffmix.errors import ClassSchemeError, ConfigError
+from diffmix.seeds import epoch_order_rng, item_rng, loader_seed, mix_rng
 
 
 #: Training augmentations of `PatchItems` (module docstring).
@@ -105,7 +106,7 @@ def mix_plan(
             continue
         if src.count < 0:
             raise ConfigError(f"training source {src.label or si}: sample count must be >= 0, got {src.count}")
-        rng = np.random.default_rng([seed, 7919, si])
+        rng = mix_rng(seed, si)
         reps = -(-src.count // n)  # without replacement first, repeat only past the source size
         order = np.concatenate([rng.permutation(n) for _ in range(reps)])[: src.count]
         plan.extend((si, int(i)) for i in order)
@@ -231,7 +232,7 @@ class PatchItems(torch.utils.data.Dataset):
         (whole permutations concatenated, so every sample appears before any repeats); with
         repeat factors, independent draws weighted by them."""
         if epoch not in self._orders:
-            rng = np.random.default_rng([self.seed, 104729, epoch])
+            rng = epoch_order_rng(self.seed, epoch)
             n = self.epoch_length()
             if self.draw_weights is not None:
                 p = self.draw_weights / self.draw_weights.sum()
@@ -264,7 +265,7 @@ class PatchItems(torch.utils.data.Dataset):
         order = self.epoch_order(epoch)
         si, index = self.plan[int(order[position])]
         sample = self.sources[si].dataset.samples[index]
-        rng = np.random.default_rng([self.seed, epoch, position])
+        rng = item_rng(self.seed, epoch, position)
         size = self.patch_size
         image, inst_map, type_map = pad_to(sample, size, self.context)
         h, w = inst_map.shape
@@ -332,5 +333,5 @@ def epoch_loader(
         shuffle=False,
         drop_last=True,
         num_workers=num_workers,
-        generator=torch.Generator().manual_seed((int(items.seed) * 1_000_003 + int(epoch)) % 2**63),
+        generator=torch.Generator().manual_seed(loader_seed(items.seed, epoch)),
     )

@@ -53,6 +53,7 @@ from diffmix.seg.data import PatchItems, Source, check_schemes, epoch_loader, mi
 from diffmix.seg.loss import LossConfig, hover_loss
 from diffmix.seg.models import HOVERNET_SIZES, SegModelConfig, build_segmenter
 from diffmix.seg.sonnet.loss import SonnetLossConfig, class_weights, sonnet_loss
+from diffmix.seeds import weights_seed
 
 FINAL_NAME = "final.safetensors"
 LOG_NAME = "log.jsonl"
@@ -443,7 +444,7 @@ def train_segmenter(
     # Everything a mistake can break is checked above or here (the pretrained encoder file is
     # read while building), before the run folder is made: a folder is only left by a run.
     resumable = out.is_dir() and (final_path.is_file() or latest_checkpoint(out) is not None)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(weights_seed(cfg.seed))
     model = build_segmenter(model_cfg, load_pretrained=not resumable)
     model.to(info.device)
 
