@@ -6,8 +6,8 @@ DataLoader and cycles it forever; here the item order and the crops are pure fun
 (seed, step, rank): the step's global positions index a stream of per-epoch permutations, and
 the crop offsets come from a Generator seeded with (seed, step, rank) (`diffmix.seeds` names
 both). So a resumed run draws exactly the items the uninterrupted run would have drawn, without
-any loader state, and DDP
-ranks draw disjoint slices of the same stream (no item repeats within an epoch across ranks).
+any loader state, and DDP ranks draw disjoint slices of the same stream (no item repeats
+within an epoch across ranks).
 Unlike the official `drop_last` DataLoader the stream runs on across epoch ends, so datasets
 with fewer than batch-size items still train.
 """
