@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from diffmix.data.sample import NucleiSample
-from diffmix.maps.balance import balance_dataset
+from diffmix.maps.balance import BalanceParams, balance_dataset
 
 # CoNSeP merged class shares (spec 8: 371 misc, 3941 inflammatory, 5537 epithelial, 5700 spindle)
 CONSEP_SHARES = np.array([371, 3941, 5537, 5700], dtype=np.float64)
@@ -155,7 +155,7 @@ def main() -> None:
     nuclei = [len(s.inst_ids()) for s in samples]
 
     t0, c0 = time.perf_counter(), time.process_time()
-    balanced, report = balance_dataset(samples, minor_class=1, seed=args.seed)
+    balanced, report = balance_dataset(samples, BalanceParams(minor_class=1, seed=args.seed))
     ours_s, ours_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     result = dict(

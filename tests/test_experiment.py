@@ -356,14 +356,15 @@ def test_gradmix_follows_the_balance_settings(tmp_path: Path) -> None:
     import numpy as np
 
     from diffmix.data.patches import grid_patches
-    from diffmix.maps.balance import balance_dataset
+    from diffmix.maps.balance import BalanceParams, balance_dataset
     from diffmix.pipeline.experiment import Experiment
 
     spec = {**MICRO, "arms": ["baseline", "gradmix"], "synthesis": {**MICRO["synthesis"], "max_patches": None}}
     exp = Experiment(ExperimentConfig.model_validate(spec), tmp_path / "exp", progress=False)
     train, _ = exp.datasets()
     gradmix = {p.name: p for p in exp.synthetic("gradmix")}
-    maps, report = balance_dataset(train.samples, minor_class=train.scheme.minor_class, seed=0, **spec["synthesis"]["balance"])
+    params = BalanceParams(minor_class=train.scheme.minor_class, seed=0, **spec["synthesis"]["balance"])
+    maps, report = balance_dataset(train.samples, params)
     expected = {p.name: p for img in maps for p in grid_patches(img, 32, 32)}
     assert report.accepted_swaps > 0
     assert set(gradmix) == set(expected)
@@ -373,6 +374,40 @@ def test_gradmix_follows_the_balance_settings(tmp_path: Path) -> None:
     original = sum(int((p.type_map == minor).sum()) for img in train for p in grid_patches(img, 32, 32))
     assert sum(int((p.type_map == minor).sum()) for p in gradmix.values()) > original
 
+
+def test_balance_settings_validate_into_balance_params_and_reach_gradmix_whole(tmp_path: Path) -> None:
+    """`synthesis.balance` is BalanceParams fields: a typo or bad value is a config error naming
+    where; config.yaml keeps exactly what was written (run identity); and every field reaches
+    GradMix, `seed` and `minor_class` included (passed beside the experiment's own seed and the
+    scheme's minor class, they used to crash GradMix with "multiple values for keyword argument")."""
+    import numpy as np
+
+    from diffmix.data.patches import grid_patches
+    from diffmix.maps.balance import BalanceParams, balance_dataset
+    from diffmix.pipeline.experiment import Experiment
+
+    for balance, message in [({"fractoin": 0.5}, r"synthesis.balance: Value error, unknown name\(s\) \['fractoin'\]"),
+                             ({"border": -2}, "synthesis.balance: Value error, border must be >= 0 px, got -2")]:
+        with pytest.raises(ConfigError, match=message):
+            build_config(ExperimentConfig, "experiment", None, {**MICRO, "synthesis": {**MICRO["synthesis"], "balance": balance}})
+    balance = {"area_ratio": 1.0, "seed": 3, "border": 8, "minor_class": 1}
+    spec = {**MICRO, "arms": ["baseline", "gradmix"],
+            "synthesis": {**MICRO["synthesis"], "max_patches": None, "balance": balance}}
+    cfg = ExperimentConfig.model_validate(spec)
+    assert list(dump_config(cfg)["synthesis"]["balance"].items()) == list(balance.items())  # as written, in order
+    assert dump_config(ExperimentConfig.model_validate(MICRO))["synthesis"]["balance"] == MICRO["synthesis"]["balance"]
+    assert "balance" in dump_config(ExperimentConfig.model_validate({k: v for k, v in MICRO.items() if k != "synthesis"}))["synthesis"]
+    exp = Experiment(cfg, tmp_path / "exp", progress=False)
+    train, _ = exp.datasets()
+    assert cfg.synthesis.balance_params(train.scheme.minor_class, cfg.seed) == BalanceParams(**balance)
+    gradmix = {p.name: p for p in exp.synthetic("gradmix")}
+    maps, report = balance_dataset(train.samples, BalanceParams(**balance))
+    other_seed, _ = balance_dataset(train.samples, BalanceParams(**{**balance, "seed": cfg.seed}))
+    expected = {p.name: p for img in maps for p in grid_patches(img, 32, 32)}
+    assert report.accepted_swaps > 0 and set(gradmix) == set(expected)
+    for name, p in expected.items():
+        assert np.array_equal(gradmix[name].type_map, p.type_map), name
+    assert any(not np.array_equal(a.inst_map, b.inst_map) for a, b in zip(maps, other_seed))  # the seed mattered
 
 def test_figures_take_datasets_not_the_experiment(tmp_path: Path) -> None:
     """`pipeline.figures` works on plain datasets (no Experiment, no import cycle): the row whose

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from scipy import ndimage as ndi
 
 from diffmix.data.sample import NucleiSample
 from diffmix.errors import ConfigError
-from diffmix.maps.balance import allocate_quota, balance_dataset, balance_plan, paste_window
+from diffmix.maps.balance import BalanceParams, allocate_quota, balance_dataset, balance_plan, paste_window
 
 
 def ellipse_dataset(n_images: int = 3, size: int = 120, seed: int = 0, cell: int = 20, touching: bool = True) -> list[NucleiSample]:
@@ -119,7 +120,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def balanced(data):
-    return balance_dataset(data, minor_class=1, seed=7)
+    return balance_dataset(data, BalanceParams(minor_class=1, seed=7))
 
 
 def test_matches_plain_full_image_oracle(data, balanced):
@@ -137,7 +138,7 @@ def test_minor_count_rises_by_exactly_the_swaps(data, balanced):
     assert sum(after.values()) == sum(before.values())  # no nucleus vanishes
     assert report.class_counts_before == before and report.class_counts_after == after
     # each instance has exactly one class: NucleiSample validated it; swapped ones are minor
-    _, plans, _ = balance_plan(data, minor_class=1, seed=7)
+    _, plans, _ = balance_plan(data, BalanceParams(minor_class=1, seed=7))
     for s, swaps in zip(result, plans):
         types = s.inst_types()
         assert all(types[sw.target_id] == 1 for sw in swaps)
@@ -145,7 +146,7 @@ def test_minor_count_rises_by_exactly_the_swaps(data, balanced):
 
 def test_other_nuclei_change_only_under_pasted_sources(data, balanced):
     result, report = balanced
-    _, plans, _ = balance_plan(data, minor_class=1, seed=7)
+    _, plans, _ = balance_plan(data, BalanceParams(minor_class=1, seed=7))
     total_lost = 0
     for orig, new, swaps in zip(data, result, plans):
         targets = {sw.target_id for sw in swaps}
@@ -191,7 +192,7 @@ def test_hand_computed_swap_first_fit_and_paste_geometry():
     types1[35:37, 35:37] = 1
     img = np.zeros((90, 90, 3), np.uint8)
     samples = [NucleiSample(img, inst0, types0, "a", 4), NucleiSample(img, inst1, types1, "b", 4)]
-    out, report = balance_dataset(samples, minor_class=1, fraction=1.0, seed=0)
+    out, report = balance_dataset(samples, BalanceParams(minor_class=1, fraction=1.0, seed=0))
     assert ndi.binary_dilation(inst0 == 1, iterations=2).sum() == 184
     # np.round(44.5) = 44 (half to even); rows floor(44 - 1.5) = 42..44, cols floor(44 - 2.5) = 41..45
     expected = np.zeros((90, 90), np.int32)
@@ -220,7 +221,7 @@ def test_each_source_used_once_per_image_but_again_in_another():
     i0[50:52, 40:42], t0[50:52, 40:42] = 3, 1  # the only minor nucleus of the dataset
     img = np.zeros((100, 100, 3), np.uint8)
     samples = [NucleiSample(img, i0, t0, "a", 4), NucleiSample(img, i1, t1, "b", 4)]
-    _, report = balance_dataset(samples, minor_class=1, fraction=1.0, seed=3)
+    _, report = balance_dataset(samples, BalanceParams(minor_class=1, fraction=1.0, seed=3))
     assert [r["accepted_swaps"] for r in report.per_image] == [1, 1]
     assert [r["skipped_no_source"] for r in report.per_image] == [1, 1]
 
@@ -235,7 +236,7 @@ def test_pastes_are_clipped_at_the_border_instead_of_crashing():
     inst_s[15:85, 50], types_s[15:85, 50] = 4, 1  # area 70; dilated target area 13*13+... >= 161
     img = np.zeros((100, 100, 3), np.uint8)
     samples = [NucleiSample(img, inst_t, types_t, "t", 4), NucleiSample(img, inst_s, types_s, "s", 4)]
-    out, report = balance_dataset(samples, minor_class=1, fraction=1.0, seed=0)
+    out, report = balance_dataset(samples, BalanceParams(minor_class=1, fraction=1.0, seed=0))
     assert report.accepted_swaps == 1
     # rows floor(31 - 35) = -4 .. 65 clipped to 0 .. 65, column floor(46 - 0.5) = 45
     expected = np.zeros((100, 100), np.int32)
@@ -245,14 +246,15 @@ def test_pastes_are_clipped_at_the_border_instead_of_crashing():
     big = np.zeros((100, 100), np.int32)
     big[0:70, 0:70] = 1
     btypes = (big > 0).astype(np.int32) * 3
-    out, _ = balance_dataset([NucleiSample(img, big, btypes, "big", 4)] + samples, minor_class=1, fraction=1.0)
+    out, _ = balance_dataset([NucleiSample(img, big, btypes, "big", 4)] + samples,
+                             BalanceParams(minor_class=1, fraction=1.0, seed=0))
     assert out[0].inst_map.shape == (100, 100)
 
 
 def test_same_seed_same_bytes_different_seed_differs(data):
-    a, _ = balance_dataset(data, minor_class=1, seed=11)
-    b, _ = balance_dataset(data, minor_class=1, seed=11)
-    c, _ = balance_dataset(data, minor_class=1, seed=12)
+    a, _ = balance_dataset(data, BalanceParams(minor_class=1, seed=11))
+    b, _ = balance_dataset(data, BalanceParams(minor_class=1, seed=11))
+    c, _ = balance_dataset(data, BalanceParams(minor_class=1, seed=12))
     assert all(x.inst_map.tobytes() == y.inst_map.tobytes() and x.type_map.tobytes() == y.type_map.tobytes()
                for x, y in zip(a, b))
     assert any(x.inst_map.tobytes() != y.inst_map.tobytes() for x, y in zip(a, c))
@@ -261,27 +263,27 @@ def test_same_seed_same_bytes_different_seed_differs(data):
 
 
 def test_target_distribution_sets_the_number_of_swaps(data):
-    full, rep_full = balance_dataset(data, minor_class=1, seed=5)
+    full, rep_full = balance_dataset(data, BalanceParams(minor_class=1, seed=5))
     n = sum(rep_full.class_counts_before.values())
     m = rep_full.class_counts_before[1]
     goal = (m + rep_full.accepted_swaps // 2) / n
-    part, rep = balance_dataset(data, minor_class=1, seed=5, target_distribution={1: goal})
+    part, rep = balance_dataset(data, BalanceParams(minor_class=1, seed=5, target_distribution={1: goal}))
     assert rep.accepted_swaps == round(goal * n) - m
     assert rep.class_counts_after[1] == round(goal * n)
     assert rep.requested == {1: goal}
     assert rep.achieved[1] == pytest.approx(round(goal * n) / n)
     # each image keeps a prefix of its faithful plan
-    _, plans_full, _ = balance_plan(data, minor_class=1, seed=5)
-    _, plans_part, _ = balance_plan(data, minor_class=1, seed=5, target_distribution={1: goal})
+    _, plans_full, _ = balance_plan(data, BalanceParams(minor_class=1, seed=5))
+    _, plans_part, _ = balance_plan(data, BalanceParams(minor_class=1, seed=5, target_distribution={1: goal}))
     for pf, pp in zip(plans_full, plans_part):
         assert [s.target_id for s in pp] == [s.target_id for s in pf[: len(pp)]]
     # asking for less than there is makes no swap; more than possible makes all of them
-    _, rep_low = balance_dataset(data, minor_class=1, seed=5, target_distribution={1: 0.0})
+    _, rep_low = balance_dataset(data, BalanceParams(minor_class=1, seed=5, target_distribution={1: 0.0}))
     assert rep_low.accepted_swaps == 0
-    _, rep_high = balance_dataset(data, minor_class=1, seed=5, target_distribution={1: 1.0})
+    _, rep_high = balance_dataset(data, BalanceParams(minor_class=1, seed=5, target_distribution={1: 1.0}))
     assert rep_high.accepted_swaps == rep_full.accepted_swaps and rep_high.achieved[1] < 1.0
     with pytest.raises(ConfigError, match="only set the minor class"):
-        balance_dataset(data, minor_class=1, target_distribution={1: 0.3, 2: 0.2})
+        balance_dataset(data, BalanceParams(minor_class=1, target_distribution={1: 0.3, 2: 0.2}, seed=0))
 
 
 def test_allocate_quota_hand_computed():
@@ -294,17 +296,17 @@ def test_allocate_quota_hand_computed():
 
 def test_bad_parameters_raise_config_error(data):
     with pytest.raises(ConfigError, match="minor class 5"):
-        balance_dataset(data, minor_class=5)
+        balance_dataset(data, BalanceParams(minor_class=5, seed=0))
     with pytest.raises(ConfigError, match="fraction"):
-        balance_dataset(data, minor_class=1, fraction=1.5)
-    assert balance_dataset(data, minor_class=1, fraction=0.0)[1].accepted_swaps == 0
+        balance_dataset(data, BalanceParams(minor_class=1, fraction=1.5, seed=0))
+    assert balance_dataset(data, BalanceParams(minor_class=1, fraction=0.0, seed=0))[1].accepted_swaps == 0
 
 
 def test_real_patches(shared_data):
     from diffmix.data.io import read_dataset
 
     ds = read_dataset(shared_data / "real_he_labeled", "consep")
-    out, report = balance_dataset(ds.samples, minor_class=1, seed=0, border=20)
+    out, report = balance_dataset(ds.samples, BalanceParams(minor_class=1, seed=0, border=20))
     for a, b in zip(ds.samples, out):
         assert np.array_equal(a.image, b.image)
     after = report.class_counts_after
@@ -323,7 +325,7 @@ def test_a_paste_never_erases_a_whole_nucleus(neighbour_width, accepted):
     inst_s[50, 30:39], types_s[50, 30:39] = 7, 1  # 1x9 source: pasted on row 43, cols 39..47
     img = np.zeros((90, 90, 3), np.uint8)
     samples = [NucleiSample(img, inst_t, types_t, "t", 4), NucleiSample(img, inst_s, types_s, "s", 4)]
-    out, report = balance_dataset(samples, minor_class=1, fraction=1.0, seed=0)
+    out, report = balance_dataset(samples, BalanceParams(minor_class=1, fraction=1.0, seed=0))
     rec = report.per_image[0]
     assert rec["accepted_swaps"] == accepted and rec["skipped_would_erase"] == 1 - accepted
     assert rec["overwritten_pixels"] == accepted and rec["overwritten_nuclei"] == accepted
@@ -339,6 +341,55 @@ def test_images_without_nuclei_or_sources_pass_through():
     inst = np.zeros((64, 64), np.int32)
     inst[30:36, 30:36] = 1
     only_major = NucleiSample(np.zeros((64, 64, 3), np.uint8), inst, inst * 3, "m", 4)
-    out, report = balance_dataset([empty, only_major], minor_class=1, fraction=1.0)
+    out, report = balance_dataset([empty, only_major], BalanceParams(minor_class=1, fraction=1.0, seed=0))
     assert report.accepted_swaps == 0 and report.per_image[1]["skipped_no_source"] == 1
     assert np.array_equal(out[1].inst_map, inst) and np.array_equal(out[1].type_map, inst * 3)
+
+
+def test_balance_params_defaults_and_validation():
+    """BalanceParams: the spec 6a defaults written once, numbers kept as given, every bad value a
+    ConfigError at construction, unknown names refused, unset minor class and seed resolved."""
+    d = BalanceParams()
+    assert (d.minor_class, d.fraction, d.border, d.area_ratio, d.seed, d.target_distribution) == (None, 0.8, 30, 2.3, None, None)
+    assert type(d.border) is int and type(BalanceParams(border=8.0).border) is float  # recorded as given
+    for kwargs, message in [
+        ({"fraction": 1.5}, r"fraction must be in \[0, 1\], got 1.5"),
+        ({"fraction": -0.1}, r"fraction must be in \[0, 1\]"),
+        ({"fraction": "0.5"}, "fraction must be a number, got '0.5'"),
+        ({"border": -1}, "border must be >= 0 px, got -1"),
+        ({"border": float("nan")}, "border must be >= 0 px"),
+        ({"area_ratio": 0}, "area ratio must be positive, got 0"),
+        ({"area_ratio": True}, "area_ratio must be a number"),
+        ({"minor_class": 0}, "minor class must be a class id >= 1, got 0"),
+        ({"minor_class": "misc"}, "minor class must be a class id >= 1, got 'misc'"),
+        ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+        ({"minor_class": 1, "target_distribution": {1: 0.3, 2: 0.2}}, r"can only set the minor class 1: .* classes \[2\]"),
+        ({"minor_class": 1, "target_distribution": {}}, "must give a proportion for the minor class 1"),
+        ({"minor_class": 1, "target_distribution": {1: 1.5}}, r"target proportion must be in \[0, 1\], got 1.5"),
+        ({"target_distribution": {"misc": 0.3}}, "expected {class id: proportion}"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            BalanceParams(**kwargs)
+    # a config's mapping: JSON text keys parsed once; unknown names listed with the allowed ones
+    assert BalanceParams.from_json({"target_distribution": {"1": 0.3}}).target_distribution == {1: 0.3}
+    with pytest.raises(ConfigError, match=r"unknown name\(s\) \['fractoin'\]; allowed: \['minor_class', 'fraction'"):
+        BalanceParams.from_json({"fractoin": 0.5})
+    # unset minor class and seed come from the scheme and the run; set ones win
+    r = BalanceParams(border=8).resolved(minor_class=1, seed=7)
+    assert (r.minor_class, r.seed, r.border) == (1, 7, 8)
+    assert BalanceParams(minor_class=2, seed=3).resolved(1, 7) == BalanceParams(minor_class=2, seed=3)
+    with pytest.raises(ConfigError, match="only set the minor class 1"):  # checked once the class is known
+        BalanceParams(target_distribution={2: 0.3}).resolved(1, 0)
+
+
+def test_balancing_needs_a_resolved_minor_class_and_seed(data):
+    for params in (BalanceParams(seed=0), BalanceParams(minor_class=1)):
+        with pytest.raises(ConfigError, match=r"needs the minor class and the seed.*params.resolved"):
+            balance_dataset(data, params)
+    with pytest.raises(ConfigError, match="takes a BalanceParams, got dict"):
+        balance_plan(data, {"minor_class": 1, "seed": 0})
+    # the report records the numbers as given (run identities and provenance keep their bytes)
+    _, report = balance_dataset(data, BalanceParams(minor_class=1, seed=0, border=8))
+    assert report.params == {"minor_class": 1, "fraction": 0.8, "border": 8, "area_ratio": 2.3, "seed": 0,
+                             "target_distribution": None}
+    assert json.dumps(report.to_json()["params"]).count('"border": 8,') == 1

@@ -11,7 +11,7 @@ from diffmix.cli import main
 from diffmix.data.io import read_dataset, write_dataset
 from diffmix.data.schemes import CONSEP, GLYSAC
 from diffmix.errors import ConfigError
-from diffmix.maps.balance import balance_dataset
+from diffmix.maps.balance import BalanceParams, balance_dataset
 from diffmix.maps.cli import parse_distribution, resolve_class
 from diffmix.maps.enlarge import enlarge_dataset
 from diffmix.maps.gradmix import gradmix_dataset
@@ -58,7 +58,7 @@ def test_balance_command_writes_merged_folder_with_provenance(dataset_dir, tmp_p
     out = tmp_path / "bal"
     assert run(["maps", "balance", str(dataset_dir), str(out), "--seed", "3", "--target-distribution", "misc=0.3"]) == 0
     ds = read_dataset(dataset_dir)
-    want, report = balance_dataset(ds.samples, minor_class=1, seed=3, target_distribution={1: 0.3})
+    want, report = balance_dataset(ds.samples, BalanceParams(minor_class=1, seed=3, target_distribution={1: 0.3}))
     got = read_dataset(out)
     assert [s.name for s in got] == [s.name for s in want]
     for g, w, orig in zip(got, want, ds.samples):
@@ -90,7 +90,7 @@ def test_gradmix_command(dataset_dir, tmp_path):
     out = tmp_path / "gm"
     assert run(["gradmix", str(dataset_dir), str(out), "--seed", "1"]) == 0
     got = read_dataset(out)
-    want, _ = gradmix_dataset(read_dataset(dataset_dir).samples, minor_class=1, seed=1)
+    want, _ = gradmix_dataset(read_dataset(dataset_dir).samples, BalanceParams(minor_class=1, seed=1))
     assert all(np.array_equal(g.image, w.image) and np.array_equal(g.inst_map, w.inst_map) for g, w in zip(got, want))
     assert json.loads((out / "dataset.json").read_text())["provenance"]["kind"] == "gradmix"
 
@@ -103,3 +103,42 @@ def test_user_errors_exit_2_with_one_line(dataset_dir, tmp_path, capsys):
     assert run(["maps", "balance", str(tmp_path / "missing"), str(tmp_path / "z")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_gradmix_command_takes_the_balancing_options_of_maps_balance(dataset_dir, tmp_path):
+    """`diffmix gradmix --border --area-ratio` (run as a user runs it) balance as `maps balance`
+    does, and both commands' balancing options are one definition: same names, defaults, help."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import typer
+
+    from diffmix.cli import app
+
+    out = tmp_path / "gm"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    res = subprocess.run([sys.executable, "-m", "diffmix", "gradmix", str(dataset_dir), str(out), "--border", "12",
+                          "--area-ratio", "1.5", "--seed", "1"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    samples = read_dataset(dataset_dir).samples
+    want, report = gradmix_dataset(samples, BalanceParams(minor_class=1, border=12.0, area_ratio=1.5, seed=1))
+    default, _ = gradmix_dataset(samples, BalanceParams(minor_class=1, seed=1))
+    got = read_dataset(out)
+    assert all(np.array_equal(g.image, w.image) and np.array_equal(g.inst_map, w.inst_map) for g, w in zip(got, want))
+    assert any(not np.array_equal(w.inst_map, d.inst_map) for w, d in zip(want, default))  # the options matter here
+    prov = json.loads((out / "dataset.json").read_text())["provenance"]
+    assert prov["params"]["border"] == 12.0 and prov["params"]["area_ratio"] == 1.5
+    assert prov["report"]["accepted_swaps"] == report.accepted_swaps
+    assert "--border 12.0 --area-ratio 1.5 --seed 1" in prov["command"]
+
+    group = typer.main.get_command(app)
+    gradmix_params = {p.name: p for p in group.commands["gradmix"].params}
+    balance_params = {p.name: p for p in group.commands["maps"].commands["balance"].params}
+    for name in ("minor_class", "fraction", "border", "area_ratio", "target_distribution", "seed"):
+        a, b = gradmix_params[name], balance_params[name]
+        assert (a.opts, a.default, a.help) == (b.opts, b.default, b.help), name
+    defaults = BalanceParams()
+    assert (balance_params["fraction"].default, balance_params["border"].default,
+            balance_params["area_ratio"].default) == (defaults.fraction, defaults.border, defaults.area_ratio)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffmix.data.sample import NucleiSample
-from diffmix.maps.balance import balance_dataset, balance_plan
+from diffmix.maps.balance import BalanceParams, balance_dataset, balance_plan
 from diffmix.maps.gradmix import gradmix_dataset, mean_nuclear_colour, ring_weights, synthesise_swap
 
 from test_maps_balance import ellipse_dataset
@@ -38,10 +38,10 @@ def swap_union(shape, swaps) -> np.ndarray:
 
 
 def test_labels_equal_balancing_and_pixels_change_only_inside_swaps(data):
-    mixed, report = gradmix_dataset(data, minor_class=1, seed=3)
-    labels, report_b = balance_dataset(data, minor_class=1, seed=3)
+    mixed, report = gradmix_dataset(data, BalanceParams(minor_class=1, seed=3))
+    labels, report_b = balance_dataset(data, BalanceParams(minor_class=1, seed=3))
     assert report.accepted_swaps == report_b.accepted_swaps > 0
-    _, plans, _ = balance_plan(data, minor_class=1, seed=3)
+    _, plans, _ = balance_plan(data, BalanceParams(minor_class=1, seed=3))
     changed_total = 0
     for orig, g, b, swaps in zip(data, mixed, labels, plans):
         assert np.array_equal(g.inst_map, b.inst_map) and np.array_equal(g.type_map, b.type_map)
@@ -53,11 +53,11 @@ def test_labels_equal_balancing_and_pixels_change_only_inside_swaps(data):
 
 
 def test_same_seed_same_bytes_and_options_matter(data):
-    a, _ = gradmix_dataset(data, minor_class=1, seed=5)
-    b, _ = gradmix_dataset(data, minor_class=1, seed=5)
+    a, _ = gradmix_dataset(data, BalanceParams(minor_class=1, seed=5))
+    b, _ = gradmix_dataset(data, BalanceParams(minor_class=1, seed=5))
     assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b))
-    single, _ = gradmix_dataset(data, minor_class=1, seed=5, double_blend=False)
-    raw, _ = gradmix_dataset(data, minor_class=1, seed=5, inpaint=False)
+    single, _ = gradmix_dataset(data, BalanceParams(minor_class=1, seed=5), double_blend=False)
+    raw, _ = gradmix_dataset(data, BalanceParams(minor_class=1, seed=5), inpaint=False)
     assert any(x.image.tobytes() != y.image.tobytes() for x, y in zip(a, single))
     assert any(x.image.tobytes() != y.image.tobytes() for x, y in zip(a, raw))
 
@@ -111,7 +111,7 @@ def test_hand_built_swap_pastes_source_pixels_and_clips_windows():
     img_s = np.full((60, 60, 3), 180, np.uint8)
     img_s[inst_s > 0] = (20, 20, 20)
     samples = [NucleiSample(img_t, inst_t, types_t, "t", 4), NucleiSample(img_s, inst_s, types_s, "s", 4)]
-    out, report = gradmix_dataset(samples, minor_class=1, fraction=1.0, seed=0, border=0)
+    out, report = gradmix_dataset(samples, BalanceParams(minor_class=1, fraction=1.0, seed=0, border=0))
     assert report.accepted_swaps == 1
     g = out[0]
     # Geometry, hand-computed. Dilated bbox rows/cols 23..36 (h1 = w1 = 14). Source window
@@ -126,7 +126,7 @@ def test_hand_built_swap_pastes_source_pixels_and_clips_windows():
     assert np.array_equal(g.image[29:31, 29:31].reshape(-1, 3), np.tile(harmonised, (4, 1)))
     # the rest of S shows the source window's background (180), not the old target (60, 40, 100)
     assert np.all(g.image[28, 28:31] == 180) and np.all(g.image[28:31, 28] == 180)
-    _, plans, _ = balance_plan(samples, minor_class=1, fraction=1.0, seed=0, border=0)
+    _, plans, _ = balance_plan(samples, BalanceParams(minor_class=1, fraction=1.0, seed=0, border=0))
     changed = np.any(g.image != img_t, axis=-1)
     assert not np.any(changed & ~swap_union((60, 60), plans[0]))
     # synthesising in place on a copy gives the same image
@@ -139,8 +139,8 @@ def test_real_patches(shared_data):
     from diffmix.data.io import read_dataset
 
     ds = read_dataset(shared_data / "real_he_labeled", "consep")
-    out, report = gradmix_dataset(ds.samples, minor_class=1, seed=0, border=20)
-    _, plans, _ = balance_plan(ds.samples, minor_class=1, seed=0, border=20)
+    out, report = gradmix_dataset(ds.samples, BalanceParams(minor_class=1, seed=0, border=20))
+    _, plans, _ = balance_plan(ds.samples, BalanceParams(minor_class=1, seed=0, border=20))
     assert report.accepted_swaps > 0
     for a, b, swaps in zip(ds.samples, out, plans):
         changed = np.any(a.image != b.image, axis=-1)

@@ -23,7 +23,7 @@ from diffmix.data.sample import remap_ids
 from diffmix.data.schemes import CONSEP
 from diffmix.data.toy import generate_toy_samples
 from diffmix.errors import CheckpointError, ConfigError, DataError, RunFolderError
-from diffmix.maps.balance import balance_dataset
+from diffmix.maps.balance import BalanceParams, balance_dataset
 from diffmix.runs import save_checkpoint
 from diffmix.sdm.settings import SamplerSettings
 from diffmix.sdm.unet import UNetConfig, build_unet
@@ -191,7 +191,7 @@ def test_y0_is_the_original_patch(toy_dir, zero_ckpt, tmp_path):
 
 def test_balance_labels_counts_and_manifest(toy_dir, random_ckpt, tmp_path):
     ds = read_dataset(toy_dir)
-    balanced, report = balance_dataset(ds.samples, minor_class=1, seed=7, **BALANCE)
+    balanced, report = balance_dataset(ds.samples, BalanceParams(minor_class=1, seed=7, **BALANCE))
     assert report.accepted_swaps >= 1
     out = tmp_path / "bal"
     rep = synthesize(toy_dir, random_ckpt, out, maps="balance", seed=7, batch_size=18,

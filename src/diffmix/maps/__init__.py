@@ -3,6 +3,7 @@
 from diffmix._lazy import lazy_exports
 
 _EXPORTS = {
+    "BalanceParams": "diffmix.maps.params",
     "BalanceReport": "diffmix.maps.balance",
     "Swap": "diffmix.maps.balance",
     "apply_swaps": "diffmix.maps.balance",

@@ -24,19 +24,38 @@ Deliberate deviations, both only in corner cases the official code gets wrong:
 
 Beyond the paper, `target_distribution` limits the number of swaps so that the dataset's
 minor-class proportion approaches a requested value (see `balance_dataset`).
+
+The parameters of a plan are one `BalanceParams` (`diffmix.maps.params`, re-exported here),
+shared with GradMix, the CLI and the experiment.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from diffmix.data.sample import NucleiSample, compact_ids, values_at
 from diffmix.errors import ConfigError, DataError
+from diffmix.maps.params import BalanceParams
+
+__all__ = [
+    "BalanceParams",
+    "BalanceReport",
+    "InstanceTable",
+    "Swap",
+    "allocate_quota",
+    "apply_swaps",
+    "balance_dataset",
+    "balance_plan",
+    "eligible_mask",
+    "instance_table",
+    "paste_window",
+    "swapped_type_map",
+]
 
 # spec 6a step 5.1: scipy's default structuring element, the 3x3 cross (4-connected).
 CROSS = ndi.generate_binary_structure(2, 1)
@@ -354,23 +373,17 @@ def allocate_quota(total: int, capacities: Sequence[int]) -> list[int]:
 
 
 def balance_plan(
-    samples: Sequence[NucleiSample],
-    *,
-    minor_class: int,
-    fraction: float = 0.8,
-    border: float = 30,
-    area_ratio: float = 2.3,
-    seed: int = 0,
-    target_distribution: Mapping[int, float] | None = None,
+    samples: Sequence[NucleiSample], params: BalanceParams
 ) -> tuple[list[np.ndarray], list[list[Swap]], BalanceReport]:
     """The swaps of every image and their inst_maps, without building samples.
 
     Shared by `balance_dataset` (labels) and `gradmix_dataset` (labels + pixels), so both see
-    identical labels for the same seed. Returns (inst_maps, swaps per image, report).
+    identical labels for the same parameters. Returns (inst_maps, swaps per image, report).
     """
     samples = list(samples)
-    _check_params(samples, minor_class, fraction, border, area_ratio)
-    requested = _check_distribution(target_distribution, minor_class)
+    minor_class, seed = _check_params(samples, params)
+    fraction, border, area_ratio = params.fraction, params.border, params.area_ratio
+    requested = None if params.target_distribution is None else dict(params.target_distribution)
     tables = [instance_table(s.inst_map, s.type_map) for s in samples]
     pools = [_source_pool(i, s, t, minor_class, border) for i, (s, t) in enumerate(zip(samples, tables))]
     # one independent stream per target image: results do not depend on processing order
@@ -427,14 +440,7 @@ def balance_plan(
 
 
 def balance_dataset(
-    samples: Sequence[NucleiSample],
-    *,
-    minor_class: int,
-    fraction: float = 0.8,
-    border: float = 30,
-    area_ratio: float = 2.3,
-    seed: int = 0,
-    target_distribution: Mapping[int, float] | None = None,
+    samples: Sequence[NucleiSample], params: BalanceParams
 ) -> tuple[list[NucleiSample], BalanceReport]:
     """Balancing label maps of a whole dataset (spec 6a, GradMix mixed labels).
 
@@ -442,23 +448,17 @@ def balance_dataset(
     original, untouched (DiffMix re-synthesises it). Instance ids are kept (a swapped nucleus
     keeps its target's id); type_map is rebuilt from the inst_map and the updated classes.
 
-    minor_class: the class created (spec: 1 for CoNSeP and GLySAC). fraction: share of eligible
-    non-minor nuclei drawn as targets. border: centroid exclusion in px. area_ratio: the dilated
-    target must be at least this many times the source's area. seed: drives every draw.
-
-    target_distribution: {class id: proportion}, only the minor class may be given (swaps only
-    turn other classes into it). The dataset then gets round(p * N) - n_minor swaps in total (N
-    nuclei, none are ever removed), split over images in proportion to how many swaps each can
-    make; each image keeps the first swaps of its faithful plan. The report says requested vs
-    achieved; a proportion below the current one makes no swaps.
+    params: the plan's `BalanceParams`, with its minor class and seed set (`params.resolved`
+    fills them from a scheme and a run). With a target_distribution {minor class: p}, the
+    dataset gets round(p * N) - n_minor swaps in total (N nuclei, none are ever removed), split
+    over images in proportion to how many swaps each can make; each image keeps the first swaps
+    of its faithful plan. The report says requested vs achieved; a proportion below the current
+    one makes no swaps.
     """
-    outs, plans, report = balance_plan(
-        samples, minor_class=minor_class, fraction=fraction, border=border, area_ratio=area_ratio,
-        seed=seed, target_distribution=target_distribution,
-    )
+    outs, plans, report = balance_plan(samples, params)  # checks that the minor class is set
     result = []
     for sample, out, swaps in zip(samples, outs, plans):
-        result.append(sample.replace(inst_map=out, type_map=swapped_type_map(sample, out, swaps, minor_class)))
+        result.append(sample.replace(inst_map=out, type_map=swapped_type_map(sample, out, swaps, params.minor_class)))
     return result, report
 
 
@@ -473,38 +473,19 @@ def swapped_type_map(sample: NucleiSample, inst_out: np.ndarray, swaps: Sequence
     return values_at(ids, classes, inst_out, default=0)
 
 
-def _check_params(samples: Sequence[NucleiSample], minor_class: int, fraction: float, border: float, area_ratio: float) -> None:
+def _check_params(samples: Sequence[NucleiSample], params: BalanceParams) -> tuple[int, int]:
+    """(minor class, seed) of a plan over `samples`; the rest of `params` validated itself."""
+    if not isinstance(params, BalanceParams):
+        raise ConfigError(f"balancing takes a BalanceParams, got {type(params).__name__}")
+    if params.minor_class is None or params.seed is None:
+        raise ConfigError("balancing needs the minor class and the seed: set them in BalanceParams, "
+                          "or take a scheme's and a run's with params.resolved(minor_class, seed)")
     if not samples:
         raise DataError("balancing needs at least one sample")
     for s in samples:
         if not isinstance(s, NucleiSample):
             raise DataError(f"balancing takes NucleiSample objects, got {type(s).__name__}")
-    if int(minor_class) != minor_class or minor_class < 1:
-        raise ConfigError(f"minor class must be a class id >= 1, got {minor_class}")
     k = samples[0].num_classes
-    if k is not None and minor_class > k:
-        raise ConfigError(f"minor class {minor_class} is not one of the classes 1..{k}")
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"fraction must be in [0, 1], got {fraction}")
-    if border < 0:
-        raise ConfigError(f"border must be >= 0 px, got {border}")
-    if area_ratio <= 0:
-        raise ConfigError(f"area ratio must be positive, got {area_ratio}")
-
-
-def _check_distribution(dist: Mapping[int, float] | None, minor_class: int) -> dict[int, float] | None:
-    if dist is None:
-        return None
-    dist = {int(k): float(v) for k, v in dist.items()}
-    extra = sorted(set(dist) - {minor_class})
-    if extra:
-        raise ConfigError(
-            f"target distribution can only set the minor class {minor_class}: balancing swaps turn "
-            f"other classes into it, so classes {extra} cannot be steered independently"
-        )
-    if minor_class not in dist:
-        raise ConfigError(f"target distribution must give a proportion for the minor class {minor_class}")
-    p = dist[minor_class]
-    if not 0.0 <= p <= 1.0:
-        raise ConfigError(f"target proportion must be in [0, 1], got {p}")
-    return dist
+    if k is not None and params.minor_class > k:
+        raise ConfigError(f"minor class {params.minor_class} is not one of the classes 1..{k}")
+    return params.minor_class, params.seed

@@ -15,6 +15,7 @@ import typer
 
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError
+from diffmix.maps.params import BalanceParams
 
 maps_app = typer.Typer(
     name="maps",
@@ -80,6 +81,49 @@ def _command(*words: Any) -> str:
     return "diffmix " + " ".join(shlex.quote(str(w)) for w in words if w is not None and w != "")
 
 
+# The balancing options of `maps balance` and `gradmix`, one definition for both; defaults are
+# BalanceParams's (the seed's is the CLI's: same seed, same bytes).
+_DEFAULTS = BalanceParams()
+MINOR_CLASS_OPTION = typer.Option(
+    None, "--minor-class", help="Class to create: id or name (default: the scheme's minor class)."
+)
+FRACTION_OPTION = typer.Option(
+    _DEFAULTS.fraction, "--fraction", help="Share of eligible non-minor nuclei drawn as targets (spec 6a: 0.8)."
+)
+BORDER_OPTION = typer.Option(float(_DEFAULTS.border), "--border", help="Centroid border exclusion in px (spec 6a: 30).")
+AREA_RATIO_OPTION = typer.Option(
+    _DEFAULTS.area_ratio, "--area-ratio", help="Dilated target area must be >= this x source area (spec 6a: 2.3)."
+)
+TARGET_DISTRIBUTION_OPTION = typer.Option(
+    [], "--target-distribution",
+    help="Requested minor-class share, e.g. misc=0.25 or 1=0.25: limits the number of swaps.",
+)
+SEED_OPTION = typer.Option(0, "--seed", help="Random seed: same seed, same bytes.")
+
+
+def balance_params(
+    scheme: ClassScheme,
+    minor_class: Optional[str],
+    fraction: float,
+    border: float,
+    area_ratio: float,
+    target_distribution: list[str],
+    seed: int,
+) -> BalanceParams:
+    """The BalanceParams of the balancing options (minor class by id or name, default the scheme's)."""
+    minor = resolve_class(scheme, minor_class) if minor_class is not None else scheme.minor_class
+    return BalanceParams(minor_class=minor, fraction=fraction, border=border, area_ratio=area_ratio, seed=seed,
+                         target_distribution=parse_distribution(scheme, target_distribution))
+
+
+def balance_words(params: BalanceParams) -> list[Any]:
+    """The balancing options that reproduce `params`, as the recorded command lists them."""
+    dist = params.target_distribution
+    return ["--minor-class", params.minor_class, "--fraction", params.fraction, "--border", params.border,
+            "--area-ratio", params.area_ratio, "--seed", params.seed,
+            *(["--target-distribution", ",".join(f"{k}={v}" for k, v in dist.items())] if dist else [])]
+
+
 def register(app: typer.Typer) -> None:
     """Add the `maps` sub-command group and the top-level `gradmix` command."""
     app.add_typer(maps_app, name="maps")
@@ -89,14 +133,12 @@ def register(app: typer.Typer) -> None:
         dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
         out: Path = typer.Argument(..., help="Output dataset folder (must not exist or be empty)."),
         scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
-        minor_class: Optional[str] = typer.Option(None, help="Class to create: id or name (default: the scheme's minor class)."),
-        fraction: float = typer.Option(0.8, help="Share of eligible non-minor nuclei drawn as targets (spec 6a: 0.8)."),
-        border: float = typer.Option(30.0, help="Centroid border exclusion in px (spec 6a: 30)."),
-        area_ratio: float = typer.Option(2.3, help="Dilated target area must be >= this x source area (spec 6a: 2.3)."),
-        target_distribution: list[str] = typer.Option(
-            [], help="Requested minor-class share, e.g. misc=0.25 or 1=0.25: limits the number of swaps."
-        ),
-        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+        minor_class: Optional[str] = MINOR_CLASS_OPTION,
+        fraction: float = FRACTION_OPTION,
+        border: float = BORDER_OPTION,
+        area_ratio: float = AREA_RATIO_OPTION,
+        target_distribution: list[str] = TARGET_DISTRIBUTION_OPTION,
+        seed: int = SEED_OPTION,
         overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     ) -> None:
         """Balancing maps (GradMix labels, spec 6a); images are the originals, untouched."""
@@ -106,15 +148,9 @@ def register(app: typer.Typer) -> None:
 
         check_output_folder(out)  # before the maps are computed, not at the write
         ds = read_dataset(dataset, scheme)
-        minor = resolve_class(ds.scheme, minor_class) if minor_class is not None else ds.scheme.minor_class
-        dist = parse_distribution(ds.scheme, target_distribution)
-        samples, report = balance_dataset(
-            ds.samples, minor_class=minor, fraction=fraction, border=border, area_ratio=area_ratio,
-            seed=seed, target_distribution=dist,
-        )
-        cmd = _command("maps", "balance", dataset, out, "--minor-class", minor, "--fraction", fraction,
-                       "--border", border, "--area-ratio", area_ratio, "--seed", seed,
-                       *(["--target-distribution", ",".join(f"{k}={v}" for k, v in dist.items())] if dist else []))
+        params = balance_params(ds.scheme, minor_class, fraction, border, area_ratio, target_distribution, seed)
+        samples, report = balance_dataset(ds.samples, params)
+        cmd = _command("maps", "balance", dataset, out, *balance_words(params))
         provenance = dict(kind="balancing-maps", source=str(dataset), command=cmd, seed=seed,
                           params=report.params, report=report.to_json(), images="original")
         path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
@@ -156,12 +192,14 @@ def register(app: typer.Typer) -> None:
         dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
         out: Path = typer.Argument(..., help="Output dataset folder (GradMix images and labels)."),
         scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
-        minor_class: Optional[str] = typer.Option(None, help="Class to create: id or name (default: the scheme's minor class)."),
-        fraction: float = typer.Option(0.8, help="Share of eligible non-minor nuclei drawn as targets (spec 6a: 0.8)."),
-        target_distribution: list[str] = typer.Option([], help="Requested minor-class share, e.g. misc=0.25."),
+        minor_class: Optional[str] = MINOR_CLASS_OPTION,
+        fraction: float = FRACTION_OPTION,
+        border: float = BORDER_OPTION,
+        area_ratio: float = AREA_RATIO_OPTION,
+        target_distribution: list[str] = TARGET_DISTRIBUTION_OPTION,
+        seed: int = SEED_OPTION,
         inpaint: bool = typer.Option(True, help="Telea-inpaint each target first (original GradMix; off in the DiffMix copy)."),
         double_blend: bool = typer.Option(True, help="Apply the blend twice, as the official code does."),
-        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
         overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     ) -> None:
         """GradMix baseline (spec 6a): balancing labels plus synthesised images."""
@@ -171,16 +209,11 @@ def register(app: typer.Typer) -> None:
 
         check_output_folder(out)  # before the maps are computed, not at the write
         ds = read_dataset(dataset, scheme)
-        minor = resolve_class(ds.scheme, minor_class) if minor_class is not None else ds.scheme.minor_class
-        dist = parse_distribution(ds.scheme, target_distribution)
-        samples, report = gradmix_dataset(
-            ds.samples, minor_class=minor, fraction=fraction, seed=seed, target_distribution=dist,
-            inpaint=inpaint, double_blend=double_blend,
-        )
-        cmd = _command("gradmix", dataset, out, "--minor-class", minor, "--fraction", fraction, "--seed", seed,
+        params = balance_params(ds.scheme, minor_class, fraction, border, area_ratio, target_distribution, seed)
+        samples, report = gradmix_dataset(ds.samples, params, inpaint=inpaint, double_blend=double_blend)
+        cmd = _command("gradmix", dataset, out, *balance_words(params),
                        "--inpaint" if inpaint else "--no-inpaint",
-                       "--double-blend" if double_blend else "--no-double-blend",
-                       *(["--target-distribution", ",".join(f"{k}={v}" for k, v in dist.items())] if dist else []))
+                       "--double-blend" if double_blend else "--no-double-blend")
         provenance = dict(kind="gradmix", source=str(dataset), command=cmd, seed=seed, params=report.params,
                           report=report.to_json(), images="gradmix-synthesised")
         path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)

@@ -32,7 +32,7 @@ Fixed or guarded (spec 7.7):
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -41,6 +41,7 @@ from skimage.morphology import disk
 
 from diffmix.data.sample import NucleiSample
 from diffmix.maps.balance import BalanceReport, Swap, balance_plan, paste_window, swapped_type_map
+from diffmix.maps.params import BalanceParams
 
 MARGIN = 8
 
@@ -166,29 +167,23 @@ def synthesise_swap(
 
 def gradmix_dataset(
     samples: Sequence[NucleiSample],
+    params: BalanceParams,
     *,
-    minor_class: int,
-    seed: int = 0,
-    fraction: float = 0.8,
-    border: float = 30,
-    area_ratio: float = 2.3,
-    target_distribution: Mapping[int, float] | None = None,
     inpaint: bool = True,
     inpaint_radius: int = 5,
     double_blend: bool = True,
 ) -> tuple[list[NucleiSample], BalanceReport]:
     """GradMix images and labels of a whole dataset (spec 6a, labels and pixels).
 
-    Labels are exactly `balance_dataset`'s for the same arguments and seed. Images are the
-    originals with every swap synthesised in the plan's order; pixels outside the union of
-    the dilated targets and the pasted sources are unchanged. Source pixels always come from
-    the original (not already mixed) source image, as the official code re-reads them.
+    Labels are exactly `balance_dataset`'s for the same `params` (minor class and seed set).
+    Images are the originals with every swap synthesised in the plan's order; pixels outside
+    the union of the dilated targets and the pasted sources are unchanged. Source pixels always
+    come from the original (not already mixed) source image, as the official code re-reads them.
+    inpaint, inpaint_radius, double_blend: the pixel steps (see the module docstring).
     """
     samples = list(samples)
-    outs, plans, report = balance_plan(
-        samples, minor_class=minor_class, fraction=fraction, border=border, area_ratio=area_ratio,
-        seed=seed, target_distribution=target_distribution,
-    )
+    outs, plans, report = balance_plan(samples, params)  # checks that the minor class is set
+    minor_class = params.minor_class
     result = []
     for sample, out, swaps in zip(samples, outs, plans):
         frame = sample.image.copy()

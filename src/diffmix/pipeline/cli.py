@@ -61,7 +61,7 @@ def synthesize_cmd(
     scheme: Optional[str] = typer.Option(None, "--scheme", help="Class scheme of raw labels (consep, glysac, pannuke, YAML)."),
     max_patches: Optional[int] = typer.Option(None, "--max-patches", help="Patches per map kind, spread over the grid (default: all)."),
     weights: str = typer.Option("auto", "--weights", help="Checkpoint weights: auto (EMA if present), ema or model."),
-    balance: Optional[str] = typer.Option(None, "--balance", help='Extra balance_dataset arguments as JSON, e.g. \'{"fraction": 0.8, "border": 30}\'.'),
+    balance: Optional[str] = typer.Option(None, "--balance", help='Balancing parameters (BalanceParams fields) as JSON, e.g. \'{"fraction": 0.8, "border": 30}\'.'),
     enlarge: Optional[str] = typer.Option(None, "--enlarge", help='Extra enlarge_dataset arguments as JSON, e.g. \'{"no_overlap": true}\'.'),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON here."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset, write_dataset
@@ -31,6 +31,7 @@ from diffmix.data.patches import grid_patches
 from diffmix.data.sample import NucleiSample
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError, DataError
+from diffmix.maps.params import BalanceParams
 from diffmix.pipeline.figures import make_figures, sample_rows
 from diffmix.pipeline.intervals import headline_intervals
 from diffmix.pipeline.report import fold_row, summarise, write_report
@@ -113,13 +114,28 @@ class SynthStage(BaseModel):
     # Patches per map kind, spread evenly over the grid of every image (None = the whole grid):
     # what a CPU run can afford; each fold still draws from its own training images.
     max_patches: int | None = Field(default=None, ge=1)
-    balance: dict[str, Any] = Field(default_factory=dict)  # extra balance_dataset arguments (GradMix uses them too)
+    # The BalanceParams fields that are set, for DiffMix-B's maps and GradMix alike (validated
+    # into BalanceParams, kept as written: config.yaml, the run identity, records exactly them).
+    balance: dict[str, Any] = Field(default_factory=dict)
     enlarge: dict[str, Any] = Field(default_factory=dict)  # extra enlarge_dataset arguments
+
+    @field_validator("balance")
+    @classmethod
+    def _balance_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            BalanceParams.from_json(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None  # pydantic adds where: synthesis.balance
+        return value
 
     def sampler(self) -> SamplerSettings:
         """These settings as the sampler takes them (ConfigError for a bad combination)."""
         return SamplerSettings(steps=self.steps, start_fraction=self.start_fraction, guidance_scale=self.guidance_scale,
                                eta=self.eta, solver=self.solver, passes=self.passes, spacing=self.spacing)
+
+    def balance_params(self, minor_class: int, seed: int) -> BalanceParams:
+        """`balance` as BalanceParams, an unset minor class and seed taken from the scheme and run."""
+        return BalanceParams.from_json(self.balance).resolved(minor_class, seed)
 
     @model_serializer(mode="wrap")
     def _drop_default_solver(self, handler: Any) -> dict[str, Any]:
@@ -590,8 +606,8 @@ class Experiment:
                 t0 = time.perf_counter()
                 s = self.cfg.synthesis
                 # the same balancing plan as DiffMix-B's maps (spec 6a): same settings, same seed
-                images, report = gradmix_dataset(train.samples, minor_class=train.scheme.minor_class,
-                                                 seed=self.cfg.seed, **s.balance)
+                params = s.balance_params(train.scheme.minor_class, self.cfg.seed)
+                images, report = gradmix_dataset(train.samples, params)
                 patches = [p for img in images for p in grid_patches(img, s.patch, s.stride)]
                 if s.max_patches is not None:
                     # the same grid positions as the SDM sets: every arm draws its synthetic

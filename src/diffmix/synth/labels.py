@@ -17,7 +17,7 @@ from diffmix.data.patches import crop
 from diffmix.data.sample import NucleiSample, compact_ids, remap_ids
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError, DataError
-from diffmix.maps.balance import balance_dataset
+from diffmix.maps.balance import BalanceParams, balance_dataset
 from diffmix.maps.enlarge import enlarge_patch
 from diffmix.synth.jobs import OWN, PatchJob
 
@@ -25,32 +25,41 @@ from diffmix.synth.jobs import OWN, PatchJob
 def check_map_kwargs(kind: str, kwargs: Mapping[str, Any], scheme: ClassScheme) -> None:
     """ConfigError for extra arguments of a map kind that the map function would refuse.
 
-    `kwargs` are passed on to `balance_dataset` (kind "balance") or `enlarge_patch` ("enlarge"),
-    but only when the first patch needs its maps, after the run folder exists. Here the names
-    are checked against the function's signature and the values by running it once on an
-    empty 8x8 label map, which goes through the same validation as the real call.
+    `kwargs` are `BalanceParams` fields (kind "balance") or arguments of `enlarge_patch`
+    ("enlarge"), used only when the first patch needs its maps, after the run folder exists.
+    Here they are checked first: balancing parameters by running the plan once on an empty 8x8
+    label map of the scheme (the minor class must be one of its classes), enlarging ones by
+    name against the function's signature and by value through one call on an empty map.
     """
-    func, fixed = (balance_dataset, {"samples"}) if kind == "balance" else (enlarge_patch, {"inst_map", "type_map", "rng"})
-    allowed = [n for n, p in inspect.signature(func).parameters.items() if n not in fixed and p.kind is p.KEYWORD_ONLY]
+    empty = np.zeros((8, 8), dtype=np.int32)
+    if kind == "balance":
+        try:
+            params = BalanceParams.from_json(kwargs).resolved(scheme.minor_class, 0)
+            sample = NucleiSample(np.zeros((8, 8, 3), dtype=np.uint8), empty, empty, "check", scheme.num_classes)
+            balance_dataset([sample], params)
+        except ConfigError as exc:
+            raise ConfigError(f"balance map arguments {dict(kwargs)}: {exc}") from None
+        return
+    fixed = {"inst_map", "type_map", "rng"}
+    allowed = [n for n, p in inspect.signature(enlarge_patch).parameters.items() if n not in fixed and p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError(f"{kind} map arguments: unknown name(s) {unknown}; allowed: {allowed}")
-    empty = np.zeros((8, 8), dtype=np.int32)
     try:
-        if kind == "balance":
-            sample = NucleiSample(np.zeros((8, 8, 3), dtype=np.uint8), empty, empty, "check", scheme.num_classes)
-            balance_dataset([sample], **{"minor_class": scheme.minor_class, **dict(kwargs)})
-        else:
-            enlarge_patch(empty, empty, rng=np.random.default_rng(0), **dict(kwargs))
+        enlarge_patch(empty, empty, rng=np.random.default_rng(0), **dict(kwargs))
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise ConfigError(f"{kind} map arguments {dict(kwargs)}: {exc}") from None
 
 
 def balance_maps(dataset: Dataset, seed: int, kwargs: Mapping[str, Any]) -> tuple[list[NucleiSample], dict]:
-    """spec 6a: balancing maps over the whole dataset of full-size images, and their report."""
-    kw = {"minor_class": dataset.scheme.minor_class, "seed": seed, **dict(kwargs)}
-    samples, report = balance_dataset(dataset.samples, **kw)
-    return samples, report.to_json() if hasattr(report, "to_json") else dict(report)
+    """spec 6a: balancing maps over the whole dataset of full-size images, and their report.
+
+    `kwargs`: `BalanceParams` fields; the minor class defaults to the scheme's and the seed
+    to the run's (a `seed` among them wins).
+    """
+    params = BalanceParams.from_json(kwargs).resolved(dataset.scheme.minor_class, seed)
+    samples, report = balance_dataset(dataset.samples, params)
+    return samples, report.to_json()
 
 
 class LabelMaps:

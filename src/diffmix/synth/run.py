@@ -183,8 +183,10 @@ def synthesize(
     batch_size: patches per sampler call. seed: drives the label maps and every patch's noise.
     device: None = CUDA when available (this rank's GPU under torchrun), else CPU.
     max_patches: per map kind, spread over the grid (None = the whole grid).
-    balance_kwargs / enlarge_kwargs: extra arguments of `balance_dataset` / `enlarge_dataset`
-        (e.g. {"fraction": 0.8, "border": 30}); minor_class defaults to the scheme's.
+    balance_kwargs: the `BalanceParams` fields that are set (e.g. {"fraction": 0.8, "border": 30});
+        minor_class defaults to the scheme's and seed to `seed`. A mapping, not the type: the
+        run identity records exactly what was set. enlarge_kwargs: extra arguments of
+        `enlarge_dataset`.
     weights: "auto" (EMA when the checkpoint has it, spec 3: sampling uses the EMA), "ema"
         or "model" (the raw weights; useful while a short run's EMA is still near its init).
 
