@@ -28,7 +28,8 @@ from diffmix.runs import save_checkpoint
 from diffmix.sdm.settings import SamplerSettings
 from diffmix.sdm.unet import UNetConfig, build_unet
 from diffmix.maps.enlarge import enlarge_dataset
-from diffmix.synth.jobs import PatchJob, patch_seed, plan_jobs
+from diffmix.seeds import patch_seed
+from diffmix.synth.jobs import PatchJob, plan_jobs
 from diffmix.synth.labels import LabelMaps
 from diffmix.synth.manifest import MANIFEST, RECORDS_DIR
 from diffmix.synth.run import chunks, synthesize

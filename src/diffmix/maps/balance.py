@@ -41,6 +41,7 @@ from scipy import ndimage as ndi
 from diffmix.data.sample import NucleiSample, compact_ids, values_at
 from diffmix.errors import ConfigError, DataError
 from diffmix.maps.params import BalanceParams
+from diffmix.seeds import balance_rngs
 
 __all__ = [
     "BalanceParams",
@@ -387,13 +388,13 @@ def balance_plan(
     tables = [instance_table(s.inst_map, s.type_map) for s in samples]
     pools = [_source_pool(i, s, t, minor_class, border) for i, (s, t) in enumerate(zip(samples, tables))]
     # one independent stream per target image: results do not depend on processing order
-    streams = np.random.SeedSequence(seed).spawn(len(samples))
+    streams = balance_rngs(seed, len(samples))
     outs: list[np.ndarray] = []
     plans: list[list[Swap]] = []
     infos: list[dict[str, Any]] = []
     for i, (sample, table) in enumerate(zip(samples, tables)):
         out, swaps, info = _plan_image(
-            i, sample, table, pools, np.random.default_rng(streams[i]),
+            i, sample, table, pools, streams[i],
             minor_class=minor_class, fraction=fraction, border=border, area_ratio=area_ratio,
         )
         info["index"] = i

@@ -38,6 +38,7 @@ from diffmix.pipeline.report import fold_row, summarise, write_report
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
+from diffmix.seeds import fold_rng, held_out_rng, segmenter_seed, utility_seed
 from diffmix.synth.jobs import plan_jobs
 from diffmix.synth.labels import check_map_kwargs
 from diffmix.synth.manifest import source_images
@@ -348,7 +349,7 @@ def fold_splits(names: Sequence[str], folds: int, seed: int) -> list[list[str]]:
         return [list(names)]
     if folds > len(names):
         raise ConfigError(f"{folds} folds need at least {folds} training images, have {len(names)}")
-    order = np.random.default_rng([seed, 1]).permutation(len(names))
+    order = fold_rng(seed).permutation(len(names))
     parts = np.array_split(order, folds)
     return [sorted(names[i] for j, p in enumerate(parts) if j != f for i in p) for f in range(folds)]
 
@@ -523,7 +524,7 @@ class Experiment:
         n_test = max(1, int(round(spec.test_fraction * len(names))))
         if n_test >= len(names):
             raise DataError(f"{spec.train}: too few images ({len(names)}) to hold out a test set")
-        held = set(np.random.default_rng([self.cfg.seed, 2]).choice(names, n_test, replace=False).tolist())
+        held = set(held_out_rng(self.cfg.seed).choice(names, n_test, replace=False).tolist())
         train = _subset(full, [s for s in full if s.name not in held], "train")
         test = _subset(full, [s for s in full if s.name in held], "test")
         train.root, test.root = full.root, full.root
@@ -669,8 +670,7 @@ class Experiment:
             return final
         original, extra = self.training_sources(arm, fold, fold_names)
         net = self.cfg.network(network)
-        # one seed per (fold, training seed); seed 0 keeps the single-seed rule seed + fold
-        run_seed = self.cfg.seed + fold + seed * self.cfg.folds
+        run_seed = segmenter_seed(self.cfg.seed, fold, seed, self.cfg.folds)
         cfg = arm_seg_config(net.preset, net.overrides, self.cfg.network_epochs(network)[arm], run_seed)
         t0 = time.perf_counter()
         path = train_segmenter(original, out, cfg, extra=extra,
@@ -783,7 +783,7 @@ class Experiment:
         result = utility_study(
             train, test, {labels[k]: self.synthetic(k) for k in kinds},
             settings=UtilitySettings(crop=spec.crop, width=spec.width, steps=spec.steps),
-            seeds=[self.cfg.seed + s for s in range(spec.seeds)], balanced_control=spec.balanced_control,
+            seeds=[utility_seed(self.cfg.seed, s) for s in range(spec.seeds)], balanced_control=spec.balanced_control,
             progress=self.progress,
         )
         write_json(path, result)

@@ -102,7 +102,7 @@ def sample_cmd(
     passes: Optional[int] = PASSES_OPTION,
     spacing: Optional[str] = SPACING_OPTION,
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call (each runs as 2x for CFG)."),
-    seed: int = typer.Option(0, help="Seed of the start noise (per image: its name, `diffmix.synth.jobs.patch_seed`)."),
+    seed: int = typer.Option(0, help="Seed of the start noise (per image: its name, `diffmix.seeds.patch_seed`)."),
     weights: str = typer.Option("auto", help="auto (EMA when present, the official choice), ema or model."),
     scheme: Optional[str] = typer.Option(None, help="Class scheme of a raw maps dataset without dataset.json."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or cuda:N (default: CUDA when available)."),

@@ -30,7 +30,7 @@ _EXPORTS = {
     "MAP_KINDS": "diffmix.synth.jobs",
     "OWN": "diffmix.synth.jobs",
     "PatchJob": "diffmix.synth.jobs",
-    "patch_seed": "diffmix.synth.jobs",
+    "patch_seed": "diffmix.seeds",
     "plan_jobs": "diffmix.synth.jobs",
     "check_map_kwargs": "diffmix.synth.labels",
     "MANIFEST": "diffmix.synth.manifest",

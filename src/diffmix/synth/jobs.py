@@ -7,14 +7,13 @@ of it agrees on the patches, their order and their seeds (spec 4-5).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Literal
 
 from diffmix.data.io import Dataset
 from diffmix.data.patches import grid_offsets, patch_name
 from diffmix.errors import ConfigError, DataError
+from diffmix.seeds import patch_seed
 
 MapsChoice = Literal["balance", "enlarge", "both", "own"]
 MAP_KINDS: tuple[str, ...] = ("balance", "enlarge")  # what "both" means
@@ -34,17 +33,6 @@ class PatchJob:
     seed: int  # seed of this patch's torch.Generator (initial noise, and eta > 0 step noise)
     size: tuple[int, int]  # (height, width): the grid's patch, or a whole image
     whole: bool = False  # a whole image (patch=None): nothing is cut, labels keep their ids
-
-
-def patch_seed(seed: int, source: str, patch_index: int, kind: str) -> int:
-    """A 63-bit seed from (run seed, source image name, patch index, map kind).
-
-    Derived by SHA-256 of the four values, so it does not depend on the order in which
-    patches are planned, batched or split over processes, and the image is identified by its
-    name (stable when the dataset is subset), not by its position.
-    """
-    key = json.dumps([int(seed), str(source), int(patch_index), str(kind)]).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1)
 
 
 def maps_list(maps: str) -> list[str]:

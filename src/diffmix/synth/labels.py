@@ -19,6 +19,7 @@ from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError, DataError
 from diffmix.maps.balance import BalanceParams, balance_dataset
 from diffmix.maps.enlarge import enlarge_patch
+from diffmix.seeds import enlarge_rng
 from diffmix.synth.jobs import OWN, PatchJob
 
 
@@ -110,11 +111,10 @@ class LabelMaps:
             src = self.dataset.samples[job.image_index]
             inst, types = src.inst_map[sl], src.type_map[sl]
         else:
-            # spec 6b per grid patch of the original labels. The stream is the one
-            # `enlarge_dataset` documents, default_rng([seed, image index, patch index]), made
-            # here patch by patch so the whole grid's maps are never held at once.
+            # spec 6b per grid patch of the original labels, on `enlarge_dataset`'s stream,
+            # made here patch by patch so the whole grid's maps are never held at once.
             src = self.dataset.samples[job.image_index]
-            rng = np.random.default_rng([self.seed, job.image_index, job.patch_index])
+            rng = enlarge_rng(self.seed, job.image_index, job.patch_index)
             inst, types, edit = enlarge_patch(src.inst_map[sl], src.type_map[sl], rng=rng, **self.enlarge_kwargs)
             shifts = edit.get("shifts", {})
             info = {
