@@ -4,7 +4,7 @@ Issue 13 item 2. For each case (an SDM checkpoint, the dataset it was trained on
 segmenter trained on that real data) it makes the DiffMix-B synthetic set that `diffmix
 synthesize --maps balance` makes, `--patches` grid patches spread over the images, once per
 solver and guided-pass budget, all from the official start (t = 540 of 1000: `--steps 100
---start-fraction 0.55`) and the SAME per-patch start noise (synth.patch_seed of run seed 0), and
+--start-fraction 0.55`) and the SAME per-patch start noise (seeds.patch_seed of run seed 0), and
 reports per solver and budget:
 
 - `mean_abs_diff_to_ddim55` / `psnr_to_ddim55`: grey levels (0-255) and PSNR of the uint8
@@ -32,6 +32,7 @@ randomised small U-Net (no segmenter), which exercises every path but measures n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
@@ -40,12 +41,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from diffmix.data.io import read_dataset
+from diffmix.runs import atomic_write_text
 from diffmix.sdm.settings import DEFAULTS, SOLVERS, SamplerSettings, fraction_text
 
 METRICS = ("pq", "acc", "f1_d")
@@ -114,7 +116,10 @@ def _timing_batch(folder: Path, n: int):
     return y0.contiguous(), cond, noise
 
 
-def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path,
+             partial: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """One case's reference and rows; `partial(result)` after each row, so a long run that is
+    stopped keeps what it measured (with `--work`, a re-run resumes the reference sets)."""
     from diffmix.sdm.convert import load_sdm
     from diffmix.sdm.solvers import sampling_schedule
     from diffmix.synth import synthesize
@@ -180,6 +185,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path) -> dict
             row["matches_reference"] = all(_within(row["fidelity"][m], result["reference"]["fidelity_spread"][m])
                                            for m in METRICS)
         result["rows"].append(row)
+        partial(result)
         if folder is not None:
             shutil.rmtree(folder)
     matching = [r for r in result["rows"] if r.get("matches_reference")]
@@ -200,7 +206,9 @@ def smoke_case(work: Path) -> dict[str, Any]:
     from diffmix.runs import save_checkpoint
     from diffmix.sdm.unet import UNetConfig, build_unet
 
-    data = write_dataset(work / "toy", generate_toy_samples(2, 64, 0), CONSEP.merged(), {"generator": "solvers smoke"})
+    data = work / "toy"
+    if not data.exists():  # a --work folder keeps it from an earlier run (same seed, same data)
+        write_dataset(data, generate_toy_samples(2, 64, 0), CONSEP.merged(), {"generator": "solvers smoke"})
     cfg = UNetConfig(image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
                      num_head_channels=32, label_nc=6)
     torch.manual_seed(0)
@@ -236,19 +244,34 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--time-batch", type=int, default=2, help="patches in the sampler-only timing")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here (rewritten after every row)")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="keep the synthetic sets here (default: a temporary folder); a re-run resumes the DDIM-55 references")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="diffmix-solvers-") as tmp:
+    report = {"benchmark": "solvers", "threads": torch.get_num_threads(),
+              "start": {"steps": args.steps, "start_fraction": args.start_fraction},
+              "budgets": args.budgets, "cases": []}
+
+    def write(partial_case: dict[str, Any] | None = None) -> None:
+        if args.out is not None:
+            cases = report["cases"] + ([partial_case] if partial_case is not None else [])
+            atomic_write_text(args.out, json.dumps({**report, "cases": cases}, indent=1) + "\n")
+
+    with contextlib.ExitStack() as stack:
+        if args.work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="diffmix-solvers-")))
+        else:
+            work = args.work
+            work.mkdir(parents=True, exist_ok=True)
         if args.case is None:  # `make bench`: a seconds-long smoke run of every path
-            args.case = [smoke_case(Path(tmp))]
+            args.case = [smoke_case(work)]
             args.patches, args.budgets, args.reference_seeds, args.patch = 2, [3, 5], 2, 32
-        report = {"benchmark": "solvers", "threads": torch.get_num_threads(),
-                  "start": {"steps": args.steps, "start_fraction": args.start_fraction},
-                  "budgets": args.budgets, "cases": [run_case(c, args, Path(tmp)) for c in args.case]}
+            report["budgets"] = args.budgets
+        for case in args.case:
+            report["cases"].append(run_case(case, args, work, partial=write))
+    write()
     text = json.dumps(report, indent=1)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
     print(text)
 
 
