@@ -11,14 +11,16 @@ reports per solver and budget:
   images against DDIM-55 from the same noise (the official sampler's output);
 - `fidelity`: a real-data segmenter's PQ, type accuracy and F1 against the maps the patches
   were made for (`diffmix fidelity`), when a segmenter is given;
+- `sharpness`: mean variance of the Laplacian of the grey patches (a focus measure: too few
+  solver steps over-smooth, which label fidelity does not see);
 - `seconds_per_patch`: the sampler alone (`diffmix_sample` on a batch of `--time-batch`
   patches, no I/O), and `wall_seconds_per_patch` of the whole synthesize call.
 
 Run-to-run noise of DDIM-55: the reference is also made with run seeds 1 and 2 (other start
 noise, the same balancing maps: `balance.seed` is pinned), giving the seed-to-seed image distance
-and the fidelity spread (mean, sd) that a cheaper setting must stay within: a row "matches"
-when PQ, Acc and F1_d each lie within 2 sd of the reference mean (or within its range when the
-sd is 0). `fewest_matching` is the row with the fewest passes that matches. With tens of
+and the fidelity and sharpness spreads (mean, sd) that a cheaper setting must stay within: a
+row "matches" when PQ, Acc, F1_d and sharpness each lie within 2 sd of the reference mean (or
+within its range when the sd is 0). `fewest_matching` is the row with the fewest passes that matches. With tens of
 patches that flag mostly measures the segmenter's counting noise (docs/solvers.md): read it
 with the image distances. `--spacings time,logsnr` runs every solver on both pass grids.
 
@@ -50,7 +52,8 @@ from diffmix.data.io import read_dataset
 from diffmix.runs import atomic_write_text
 from diffmix.sdm.settings import DEFAULTS, SOLVERS, SamplerSettings, fraction_text
 
-METRICS = ("pq", "acc", "f1_d")
+METRICS = ("pq", "acc", "f1_d")  # label fidelity statistics a cheaper setting must match
+IMAGE_METRICS = ("sharpness",)  # and image statistics (fidelity does not see blur)
 
 
 def parse_case(text: str) -> dict[str, Any]:
@@ -78,6 +81,22 @@ def _distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, f
     # identical images have no PSNR: None (strict JSON has no Infinity)
     return {"mean_abs_diff": round(statistics.fmean(mad), 3),
             "psnr": round(statistics.fmean(psnr), 2) if len(psnr) == len(mse) else None}
+
+
+def _sharpness(images: dict[str, np.ndarray]) -> float:
+    """Mean over patches of the variance of the Laplacian of the grey image (a standard focus
+    measure): an ODE solver integrated in too few steps returns over-smoothed images, which a
+    segmenter scored against the label maps may not notice."""
+    from scipy import ndimage
+
+    values = [float(ndimage.laplace(im.mean(axis=-1)).var()) for im in images.values()]
+    return round(statistics.fmean(values), 3)
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
 
 
 def _fidelity(folder: Path, case: dict[str, Any]) -> dict[str, Any] | None:
@@ -151,17 +170,13 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path,
             "wall_seconds_per_patch": round(refs[0][1], 4),
             "seed_to_seed": [_distance(ref_images[0], im) for im in ref_images[1:]],
             "fidelity_per_seed": ref_fid,
+            "sharpness_per_seed": [_sharpness(im) for im in ref_images],
         },
         "rows": [],
     }
     if ref_fid[0] is not None:
-        spread = {}
-        for m in METRICS:
-            vals = [f[m] for f in ref_fid]
-            spread[m] = {"mean": round(statistics.fmean(vals), 4),
-                         "sd": round(statistics.stdev(vals), 4) if len(vals) > 1 else 0.0,
-                         "min": min(vals), "max": max(vals)}
-        result["reference"]["fidelity_spread"] = spread
+        result["reference"]["fidelity_spread"] = {m: _spread([f[m] for f in ref_fid]) for m in METRICS}
+    result["reference"]["sharpness_spread"] = _spread(result["reference"]["sharpness_per_seed"])
 
     rows = [(solver, spacing, passes) for solver in args.solvers for spacing in (args.spacings or [None])
             for passes in args.budgets]
@@ -172,18 +187,22 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, work: Path,
         if solver == "ddim" and settings.spacing == "time" and passes == base.num_passes:  # the reference itself
             row.update(seconds_per_patch=result["reference"]["seconds_per_patch"],
                        wall_seconds_per_patch=result["reference"]["wall_seconds_per_patch"],
-                       mean_abs_diff_to_ddim55=0.0, psnr_to_ddim55=None, fidelity=ref_fid[0])
+                       mean_abs_diff_to_ddim55=0.0, psnr_to_ddim55=None, fidelity=ref_fid[0],
+                       sharpness=result["reference"]["sharpness_per_seed"][0])
             folder = None
         else:
             print(f"[{case['name']}] {solver} {settings.spacing} {passes} passes", file=sys.stderr, flush=True)
             folder, wall = make(f"{solver}_{settings.spacing}_{passes}", settings, 0)
+            images = _images(folder)
             row.update(seconds_per_patch=round(_sampler_seconds(model, diffusion, timing, settings), 4),
                        wall_seconds_per_patch=round(wall, 4),
-                       **{f"{k}_to_ddim55": v for k, v in _distance(ref_images[0], _images(folder)).items()},
-                       fidelity=_fidelity(folder, case))
+                       **{f"{k}_to_ddim55": v for k, v in _distance(ref_images[0], images).items()},
+                       fidelity=_fidelity(folder, case), sharpness=_sharpness(images))
+        row["sharpness_within_reference"] = _within(row["sharpness"], result["reference"]["sharpness_spread"])
         if "fidelity_spread" in result["reference"]:
-            row["matches_reference"] = all(_within(row["fidelity"][m], result["reference"]["fidelity_spread"][m])
-                                           for m in METRICS)
+            row["fidelity_within_reference"] = all(
+                _within(row["fidelity"][m], result["reference"]["fidelity_spread"][m]) for m in METRICS)
+            row["matches_reference"] = row["fidelity_within_reference"] and row["sharpness_within_reference"]
         result["rows"].append(row)
         partial(result)
         if folder is not None:
