@@ -24,11 +24,11 @@ import scipy.io
 import torch
 import yaml
 
+from diffmix.checkpoints import save_checkpoint
 from diffmix.data.io import write_dataset
 from diffmix.data.sample import NucleiSample
 from diffmix.data.schemes import CONSEP
 from diffmix.data.toy import generate_toy_samples
-from diffmix.runs import save_checkpoint
 from diffmix.sdm.unet import UNetConfig, build_unet
 
 REPO = Path(__file__).resolve().parents[1]

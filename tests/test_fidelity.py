@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffmix.checkpoints import save_checkpoint
 from diffmix.cli import main
 from diffmix.data.io import read_dataset, write_dataset
 from diffmix.data.schemes import CONSEP
 from diffmix.data.toy import generate_toy_samples
 from diffmix.errors import ClassSchemeError
 from diffmix.fidelity import format_fidelity, label_fidelity, score_fidelity
-from diffmix.runs import save_checkpoint
 from diffmix.seg.models import SegModelConfig, build_segmenter
 from diffmix.seg.targets import hv_map
 

@@ -11,21 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffmix.distributed import resolve_device
-from diffmix.errors import CheckpointError, ConfigError, OutputError
-from diffmix.runs import (
-    atomic_write_text,
-    check_output_file,
-    check_output_folder,
+from diffmix.checkpoints import (
     checkpoint_meta,
     load_checkpoint,
     load_state_strict,
-    prepare_run_folder,
-    remove_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from diffmix.distributed import resolve_device
+from diffmix.errors import CheckpointError, ConfigError, OutputError
+from diffmix.runs import atomic_write_text, check_output_file, check_output_folder, prepare_run_folder, remove_temporaries
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +95,7 @@ def test_atomic_writes_leave_no_temporary_behind(tmp_path: Path) -> None:
 
 _SAVE = """
 import sys, torch
-from diffmix.runs import save_checkpoint, rng_state
+from diffmix.checkpoints import rng_state, save_checkpoint
 torch.manual_seed(0)
 state = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, "rng": rng_state(),
          "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}}

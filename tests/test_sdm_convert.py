@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffmix.checkpoints import load_checkpoint, save_checkpoint
 from diffmix.errors import CheckpointError
-from diffmix.runs import load_checkpoint, save_checkpoint
 from diffmix.sdm.convert import (
     check_state_dict,
     import_checkpoint,

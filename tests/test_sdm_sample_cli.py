@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from diffmix.checkpoints import save_checkpoint
 from diffmix.cli import main
 from diffmix.data.io import read_dataset, write_dataset
 from diffmix.data.schemes import CONSEP
 from diffmix.data.toy import generate_toy_samples
-from diffmix.runs import save_checkpoint
 from diffmix.sdm.unet import UNetConfig, UNetModel, build_unet
 
 

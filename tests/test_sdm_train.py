@@ -244,7 +244,7 @@ def test_resume_after_kill_matches_uninterrupted_run(toy, tmp_path, one_thread):
     assert [r["step"] for r in got] == list(range(1, 13))  # no duplicated or missing records
     for a, b in zip(got, ref_log):
         assert {k: a[k] for k in LOSS_KEYS} == {k: b[k] for k in LOSS_KEYS}
-    from diffmix.runs import load_checkpoint
+    from diffmix.checkpoints import load_checkpoint
 
     s_ref, m_ref = load_checkpoint(tmp_path / "ref" / "ckpt_0000012.safetensors")
     s_run, m_run = load_checkpoint(run / "ckpt_0000012.safetensors")

@@ -341,7 +341,7 @@ def test_infer_images_errors(tmp_path):
 
 def test_infer_folder_from_a_checkpoint(tmp_path):
     models = pytest.importorskip("diffmix.seg.models")
-    from diffmix.runs import save_checkpoint
+    from diffmix.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     model = models.build_segmenter({"arch": "small", "num_classes": 4, "width": 4, "depth": 2})

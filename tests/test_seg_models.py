@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
+from diffmix.checkpoints import save_checkpoint
 from diffmix.errors import CheckpointError, ConfigError
-from diffmix.runs import save_checkpoint
 from diffmix.seg.models import (
     MonaiHoverNet,
     SegModelConfig,

@@ -146,7 +146,7 @@ def test_checkpoint_records_its_type_prior_and_seg_infer_adjusts_with_it(four, t
     import sys
 
     from diffmix.data.io import write_dataset
-    from diffmix.runs import load_checkpoint, save_checkpoint
+    from diffmix.checkpoints import load_checkpoint, save_checkpoint
 
     final = train_segmenter(four, tmp_path / "run", TINY, progress=False, num_threads=1)
     state, meta = load_checkpoint(final)

@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 import yaml
 
+from diffmix.checkpoints import load_checkpoint
 from diffmix.data.io import Dataset, read_mat_labels, write_dataset
 from diffmix.data.schemes import CONSEP, GLYSAC
 from diffmix.data.toy import generate_toy_samples
 from diffmix.errors import CheckpointError, ConfigError
 from diffmix.metrics import evaluate_samples
-from diffmix.runs import load_checkpoint
 from diffmix.seg.data import PatchItems, Source
 from diffmix.seg.infer import predict_image, predict_maps, segment_image
 from diffmix.seg.models import build_segmenter, load_segmenter

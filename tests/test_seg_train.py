@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 
+from diffmix.checkpoints import load_checkpoint
 from diffmix.data.io import Dataset, write_dataset
 from diffmix.data.schemes import CONSEP, GLYSAC
 from diffmix.data.toy import generate_toy_samples
 from diffmix.errors import ClassSchemeError, ConfigError, RunFolderError
-from diffmix.runs import load_checkpoint
 from diffmix.seg.cli import parse_dataset_arg
 from diffmix.seg.data import PatchItems, Source, mix_plan
 from diffmix.seg.models import build_segmenter, load_segmenter

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffmix.checkpoints import save_checkpoint
 from diffmix.cli import main
 from diffmix.data.io import read_dataset, write_dataset
 from diffmix.data.patches import crop, grid_offsets
@@ -24,7 +25,6 @@ from diffmix.data.schemes import CONSEP
 from diffmix.data.toy import generate_toy_samples
 from diffmix.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from diffmix.maps.balance import BalanceParams, balance_dataset
-from diffmix.runs import save_checkpoint
 from diffmix.sdm.settings import SamplerSettings
 from diffmix.sdm.unet import UNetConfig, build_unet
 from diffmix.maps.enlarge import enlarge_dataset

@@ -13,7 +13,7 @@ from typing import Any, Mapping, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from diffmix.errors import ConfigError
+from diffmix.errors import ConfigError, describe_yaml_error
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -24,18 +24,6 @@ def preset_names(area: str) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def describe_yaml_error(exc: yaml.YAMLError) -> str:
-    """PyYAML's error in one line: where (line, column, 1-based) and what.
-
-    `str(exc)` spans several lines with a quoted excerpt of the file; a CLI error is one line.
-    """
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    context = getattr(exc, "context", None)
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

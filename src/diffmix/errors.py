@@ -37,3 +37,17 @@ class RunFolderError(DiffMixError):
 
 class OutputError(DiffMixError):
     """An output path cannot be written: a file where a folder must go, a read-only parent."""
+
+
+def describe_yaml_error(exc: Exception) -> str:
+    """PyYAML's error (a `yaml.YAMLError`) in one line: where (line, column, 1-based) and what.
+
+    `str(exc)` spans several lines with a quoted excerpt of the file; a CLI error is one line.
+    Here, not in `diffmix.config`, so the YAML readers of data and run folders need no pydantic;
+    it reads the error's attributes, so this module needs no yaml.
+    """
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")

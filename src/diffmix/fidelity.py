@@ -16,10 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from diffmix.data.io import Dataset, read_dataset
 from diffmix.data.schemes import ClassScheme
+from diffmix.distributed import resolve_device
 from diffmix.errors import ClassSchemeError
+from diffmix.metrics import evaluate_samples
+from diffmix.seg.infer import segment_image
+from diffmix.seg.models import load_segmenter
 
 __all__ = ["score_fidelity", "label_fidelity", "format_fidelity"]
 
@@ -39,8 +44,6 @@ def score_fidelity(
     "f1": {class_id: F1} pooled over images (official), "n_images", "per_image": {name:
     instance metrics}}. Labels scored against themselves give PQ = Acc = F1 = 1.
     """
-    from diffmix.metrics import evaluate_samples
-
     result = evaluate_samples(label_pairs, pred_pairs, class_ids, names)
     mean, types = result["mean"], result["type"]
     return {
@@ -77,14 +80,8 @@ def label_fidelity(
     keep_unmarked: post-processing option of `diffmix.seg.postproc.postprocess`.
     Returns `score_fidelity`'s dict plus "segmenter" and "dataset" (paths, when known).
     """
-    from tqdm.auto import tqdm
-
-    from diffmix.seg.infer import segment_image
-    from diffmix.seg.models import load_segmenter
-
     if not isinstance(synth_dataset, Dataset):
         synth_dataset = read_dataset(synth_dataset, scheme)
-    from diffmix.distributed import resolve_device
 
     device = resolve_device(device)
     model, meta = load_segmenter(segmenter_ckpt, device)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from diffmix.data.io import Dataset
 from diffmix.data.schemes import ClassScheme
@@ -263,8 +264,6 @@ def utility_study(
     "seeds"}: no wall-clock times, so the same inputs give the same bytes.
     Metrics: acc, macro_f1 and f1_<class id>.
     """
-    from tqdm.auto import tqdm
-
     scheme: ClassScheme = train.scheme
     for label, ds in [("test", test), *synthetic.items()]:
         if ds.scheme.class_ids != scheme.class_ids:

@@ -44,15 +44,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.draw import polygon as draw_polygon
+from skimage.measure import find_contours
 
-from diffmix.data.schemes import ClassScheme
-from diffmix.errors import DataError
+from diffmix.data.io import IMAGE_SUFFIXES, read_dataset, read_image, write_dataset
+from diffmix.data.labels import labels_to_maps, read_dataset_json, read_mat_labels
+from diffmix.data.sample import NucleiSample
+from diffmix.data.schemes import CONSEP, CONTOUR_COLOURS, ClassScheme, get_scheme
+from diffmix.errors import DataError, PairingError
+from diffmix.runs import atomic_write_text
 
 #: Namespace of the deterministic feature ids (uuid5 of "NAME/INST_ID"): same labels, same bytes.
 FEATURE_NAMESPACE = uuid.UUID("5f0c7d1e-2b9a-4c61-9a53-3f4d2e8b7a10")
@@ -65,9 +74,7 @@ Ring = list[list[float]]
 
 def class_colour(class_id: int) -> list[int]:
     """RGB of a class id: the colour `diffmix seg infer` draws its contours in."""
-    from diffmix.seg.infer import CLASS_COLOURS
-
-    return list(CLASS_COLOURS[int(class_id) % len(CLASS_COLOURS)])
+    return list(CONTOUR_COLOURS[int(class_id) % len(CONTOUR_COLOURS)])
 
 
 # --------------------------------------------------------------------------- label map -> polygons
@@ -89,8 +96,6 @@ def _drop_collinear(ring: np.ndarray) -> np.ndarray:
 
 def _rings(mask: np.ndarray, x0: int, y0: int) -> list[np.ndarray]:
     """Closed rings (x, y) of one 8-connected component: the exterior first, then the holes."""
-    from skimage.measure import find_contours
-
     padded = np.pad(mask.astype(np.float64), 1)
     # foreground 8-connected ('high'), background 4-connected: a hole is a 4-connected
     # background region, the same rule scipy.ndimage.binary_fill_holes uses by default.
@@ -178,8 +183,6 @@ def maps_to_geojson(
 
 def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> None:
     """Write a FeatureCollection atomically (compact, one feature per line)."""
-    from diffmix.runs import atomic_write_text
-
     lines = ",\n".join(json.dumps(f, separators=(",", ":")) for f in collection["features"])
     text = '{"type":"FeatureCollection","features":[\n' + lines + "\n]}\n"
     atomic_write_text(Path(path), text)
@@ -314,8 +317,6 @@ def _feature_class(props: Mapping[str, Any], scheme: ClassScheme, default_class:
 
 def _fill(out: np.ndarray, polygons: Sequence[Sequence[Ring]], value: int) -> None:
     """Set to `value` every pixel whose centre is inside a polygon (and outside its holes)."""
-    from skimage.draw import polygon as draw_polygon
-
     h, w = out.shape
     for poly in polygons:
         region = np.zeros((h, w), dtype=bool)
@@ -389,10 +390,6 @@ def geojson_to_maps(
 
 def _export_sources(src: Path, scheme: str | Path | ClassScheme | None) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], ClassScheme]:
     """(name, inst_map, type_map) of every image of a dataset or prediction folder + its scheme."""
-    from diffmix.data.io import IMAGE_SUFFIXES, read_dataset
-    from diffmix.data.labels import labels_to_maps, read_dataset_json, read_mat_labels
-    from diffmix.data.schemes import CONSEP, get_scheme
-
     if not src.is_dir():
         raise DataError(f"{src}: folder not found")
     has_images = any(f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES for f in src.iterdir())
@@ -425,10 +422,6 @@ def export_geojson(src: str | Path, out: str | Path, scheme: str | Path | ClassS
     temporary name and renamed, so an error leaves nothing behind.
     Returns {"out", "images", "nuclei"}.
     """
-    import os
-    import shutil
-    import tempfile
-
     src, out = Path(src), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not empty; choose a new output folder")
@@ -480,11 +473,6 @@ def import_geojson(
     scheme: class names -> merged class ids; default_class: class name for unclassified nuclei.
     Returns {"out", "images", "nuclei", "skipped", "empty"}.
     """
-    from diffmix.data.io import IMAGE_SUFFIXES, read_image, write_dataset
-    from diffmix.data.sample import NucleiSample
-    from diffmix.data.schemes import get_scheme
-    from diffmix.errors import PairingError
-
     resolved = get_scheme(scheme).merged()
     default_id = None
     if default_class is not None:

@@ -28,6 +28,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
+import scipy.io
+import tifffile
+from PIL import Image
 
 from diffmix.data.labels import (
     DATASET_JSON,
@@ -94,8 +97,6 @@ def check_image_file(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
             with tifffile.TiffFile(path) as tif:
                 page = tif.pages[0]
                 dtype, shape = np.dtype(page.dtype), tuple(page.shape)
@@ -105,7 +106,6 @@ def check_image_file(path: str | Path) -> tuple[int, int]:
                     "convert it to 8 bits per channel first"
                 )
             return int(shape[0]), int(shape[1])
-        from PIL import Image
 
         with Image.open(path) as im:
             _refuse_wide_mode(path, im.mode)
@@ -131,12 +131,8 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
             arr = np.asarray(tifffile.imread(path))
         else:
-            from PIL import Image
-
             with Image.open(path) as im:
                 _refuse_wide_mode(path, im.mode)
                 if im.mode not in ("RGB", "RGBA", "L", "LA"):
@@ -170,12 +166,8 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
         raise DataError(f"{path}: refusing to write image of shape {image.shape} dtype {image.dtype}")
     with atomic_path(path) as tmp:
         if path.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
             tifffile.imwrite(tmp, image)
         else:
-            from PIL import Image
-
             Image.fromarray(image).save(tmp, format="PNG" if path.suffix.lower() == ".png" else None)
 
 
@@ -189,8 +181,6 @@ def write_mat_labels(path: str | Path, inst_map: np.ndarray, type_map: np.ndarra
     `inst_type` is stored Nx1 because a 1-D array would be saved as 1xN, which hover_net's
     `[:, 0]` misreads (hovernet_notes 6). Ids are kept as they are, so write-then-read is exact.
     """
-    import scipy.io
-
     inst_map = np.asarray(inst_map, dtype=np.int32)
     type_map = np.asarray(type_map, dtype=np.int32)
     cen = inst_centroids(inst_map)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import scipy.io
 
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
@@ -268,8 +269,6 @@ def read_mat_labels(path: str | Path) -> dict[str, np.ndarray]:
 
     `inst_map` is required; a corrupt or foreign file raises DataError naming it.
     """
-    import scipy.io  # deferred: scipy.io adds to the start of every command, most read no .mat
-
     path = Path(path)
     try:
         mat = scipy.io.loadmat(path)

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import yaml
 
-from diffmix.errors import ClassSchemeError
+from diffmix.errors import ClassSchemeError, describe_yaml_error
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,20 @@ PANNUKE = ClassScheme(
     description="PanNuke 5 classes, no merge (mask channels 0..4)",
 )
 
+#: Contour colour (RGB) of each class id in `seg infer` overlays and in GeoJSON exports (QuPath
+#: shows its detections in them); id 0 (no class) is white. Ids beyond the list wrap around.
+CONTOUR_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (255, 255, 255),
+    (255, 0, 0),
+    (0, 200, 0),
+    (0, 80, 255),
+    (255, 200, 0),
+    (255, 0, 255),
+    (0, 230, 230),
+    (255, 128, 0),
+    (128, 0, 255),
+)
+
 BUILTIN_SCHEMES: dict[str, ClassScheme] = {s.name: s for s in (CONSEP, GLYSAC, PANNUKE)}
 
 
@@ -155,10 +170,6 @@ SCHEME_YAML_KEYS = ("name", "classes", "merge", "minor_class", "description")
 def scheme_from_yaml(path: str | Path) -> ClassScheme:
     """Read a user scheme: `name`, `classes: {id: name}`, `merge: {merged_id: [raw ids]}`
     (optional: identity), `minor_class`, `description` (optional). Other keys are an error."""
-    import yaml
-
-    from diffmix.config import describe_yaml_error
-
     path = Path(path)
     try:
         obj = yaml.safe_load(path.read_text())

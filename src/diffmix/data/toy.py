@@ -45,7 +45,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from scipy import ndimage
 
+from diffmix.data.io import write_dataset
 from diffmix.data.sample import NucleiSample
+from diffmix.data.schemes import CONSEP
 from diffmix.errors import ConfigError
 
 MISC, INFLAMMATORY, EPITHELIAL, SPINDLE = 1, 2, 3, 4
@@ -680,9 +682,6 @@ def write_toy_dataset(
     Keyword arguments go to `generate_toy_samples` (`rare_fraction`, `density`); all of
     them are recorded in the provenance of `dataset.json`. Returns the folder path.
     """
-    from diffmix.data.io import write_dataset
-    from diffmix.data.schemes import CONSEP
-
     samples = generate_toy_samples(n_images, size, seed, **kw)
     provenance = {
         "generator": "diffmix toy-data",

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from diffmix.data.patches import grid_offsets, patch_name
 from diffmix.data.sample import NucleiSample, compact_ids
 from diffmix.errors import ConfigError, DataError
 from diffmix.seeds import enlarge_rng
@@ -209,8 +210,6 @@ def enlarge_dataset(
     (`diffmix.seeds.enlarge_rng`), so a patch's map does not depend on how many other patches
     are made.
     """
-    from diffmix.data.patches import grid_offsets, patch_name
-
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
     out: list[NucleiSample] = []

@@ -46,7 +46,9 @@ from diffmix.metrics.classification import (
     stats_from_counts,
     type_counts,
 )
+from diffmix.metrics.compat import hovernet_type_stats
 from diffmix.metrics.instance import INSTANCE_METRICS, instance_metrics
+from diffmix.metrics.panoptic import classed_instances, conic_pq, pannuke_pq, read_tissues
 
 # Label files are found, read and merged-once by `diffmix.data.labels`, the layer the dataset
 # reader uses too (`label_files` stays importable from here).
@@ -282,16 +284,12 @@ def field_metrics(
     conic: "conic" = CoNIC mPQ+ and per-class PQ pooled over images.
     class_ids None: the classes present in the ground truth (pannuke/conic).
     """
-    from diffmix.metrics.panoptic import classed_instances, conic_pq, pannuke_pq, read_tissues
-
     if compat is not None and compat not in COMPAT_MODES:
         raise DataError(f"unknown compat mode {compat!r}: use one of {', '.join(COMPAT_MODES)}")
     if tissues is not None and not pannuke:
         raise DataError("tissue labels are used by PanNuke's mPQ/bPQ only: add --pannuke")
     typed = all(x.types is not None for x in (*true, *pred))
     if compat == "hovernet":
-        from diffmix.metrics.compat import hovernet_type_stats
-
         if not typed:
             raise DataError("--compat hovernet needs class information (inst_type or type_map) in every file")
         images = [(t.centroids, t.types, p.centroids, p.types) for t, p in zip(true, pred)]

@@ -20,32 +20,41 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from diffmix.checkpoints import checkpoint_meta, latest_checkpoint
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset, write_dataset
 from diffmix.data.patches import grid_patches
 from diffmix.data.sample import NucleiSample
-from diffmix.data.schemes import ClassScheme
+from diffmix.data.schemes import CONSEP, ClassScheme
+from diffmix.data.toy import generate_toy_samples
+from diffmix.distributed import resolve_device
 from diffmix.errors import ConfigError, DataError
+from diffmix.fidelity import label_fidelity
+from diffmix.maps.gradmix import gradmix_dataset
 from diffmix.maps.params import BalanceParams
+from diffmix.metrics.evaluate import evaluate_labels, field_metrics, labels_from_maps
 from diffmix.pipeline.figures import make_figures, sample_rows
 from diffmix.pipeline.intervals import headline_intervals
 from diffmix.pipeline.report import fold_row, summarise, write_report
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
 from diffmix.sdm.settings import SamplerSettings, fraction_text
+from diffmix.sdm.train import resolve_train_config, train_sdm
 from diffmix.seeds import fold_rng, held_out_rng, segmenter_seed, utility_seed
+from diffmix.seg.data import Source
+from diffmix.seg.infer import segment_image
+from diffmix.seg.models import load_segmenter
+from diffmix.seg.train import FINAL_NAME, SegTrainConfig, mix_type_prior, resolve_config, train_segmenter
 from diffmix.synth.jobs import plan_jobs
 from diffmix.synth.labels import check_map_kwargs
 from diffmix.synth.manifest import source_images
-
-if TYPE_CHECKING:
-    from diffmix.seg.data import Source
-    from diffmix.seg.train import SegTrainConfig
+from diffmix.synth.run import synthesize
+from diffmix.utility import UtilitySettings, utility_study
 
 #: What the toy demo can and cannot show (issue 10 item 5), printed and in its report.
 TOY_CAVEAT = (
@@ -401,7 +410,7 @@ def split_epochs(total: int, proportions: Sequence[int]) -> list[int]:
 _SCHEDULE_KEYS = ("phase1_epochs", "phase2_epochs", "phase3_epochs", "batch_size", "batch_size_phase2")
 
 
-def arm_seg_config(preset: str, overrides: Mapping[str, Any], total: int, seed: int) -> "SegTrainConfig":
+def arm_seg_config(preset: str, overrides: Mapping[str, Any], total: int, seed: int) -> SegTrainConfig:
     """The segmenter config of one arm: `preset` + `overrides`, its schedule stretched to
     `total` epochs, seeded with `seed`.
 
@@ -411,8 +420,6 @@ def arm_seg_config(preset: str, overrides: Mapping[str, Any], total: int, seed: 
     scaled with it (SONNET's "1e-5 after epoch 25 of 50" stays at half the phase, as
     HoVer-Net's `lr_step_fraction` does).
     """
-    from diffmix.seg.train import resolve_config
-
     first = {**overrides, "seed": seed}
     base = resolve_config(preset, first, drop_none=False)
     if base.phases is None:
@@ -459,9 +466,6 @@ class Experiment:
     def _check(self) -> None:
         """Raise the error each later stage would raise, now: device, data, SDM, synthesis
         and segmenter configs of every arm (a typo would otherwise surface hours in)."""
-        from diffmix.data.schemes import CONSEP
-        from diffmix.distributed import resolve_device
-
         if self.device is not None:
             resolve_device(self.device)
         cfg = self.cfg
@@ -476,15 +480,12 @@ class Experiment:
             path = Path(cfg.sdm.checkpoint)
             if not path.is_file():
                 raise ConfigError(f"sdm.checkpoint {path} does not exist")
-            from diffmix.runs import checkpoint_meta
 
             label_nc = (checkpoint_meta(path).get("unet_config") or {}).get("label_nc")
             if label_nc is not None and int(label_nc) != scheme.num_classes + 2:
                 raise ConfigError(f"sdm.checkpoint {path} was trained for {int(label_nc) - 2} classes, "
                                   f"the data has {scheme.num_classes} ({scheme.name})")
         elif any(k in ("balance", "enlarge") for a in cfg.arms for k in ARM_SETS[a]):
-            from diffmix.sdm.train import resolve_train_config
-
             resolve_train_config(cfg.sdm.preset, {"seed": cfg.seed, **cfg.sdm.overrides}, scheme.num_classes)
         s = cfg.synthesis
         s.sampler()
@@ -539,15 +540,12 @@ class Experiment:
         spec = self.cfg.data
         t0 = time.perf_counter()
         if spec.toy is not None:
-            from diffmix.data.toy import generate_toy_samples
-
             train_dir, test_dir = self.out / "data" / "train", self.out / "data" / "test"
             toy = spec.toy
             if not train_dir.exists() or not test_dir.exists():
                 samples = generate_toy_samples(
                     toy.n_train + toy.n_test, toy.size, toy.seed, rare_fraction=toy.rare_fraction
                 )
-                from diffmix.data.schemes import CONSEP
 
                 prov = {"generator": "diffmix toy-data", **toy.model_dump()}
                 if not train_dir.exists():
@@ -569,7 +567,6 @@ class Experiment:
             if not path.is_file():
                 raise ConfigError(f"sdm.checkpoint {path} does not exist")
             return path
-        from diffmix.sdm.train import resolve_train_config, train_sdm
 
         train, _ = self.datasets()
         out = self.out / "sdm"
@@ -582,7 +579,6 @@ class Experiment:
                       run_info={"dataset": str(train.root)}, progress=self.progress)
             done.write_text("ok\n")
             _timed(self.log, "sdm", t0, steps=cfg.total_steps)
-        from diffmix.runs import latest_checkpoint
 
         ckpt = latest_checkpoint(out)
         if ckpt is None:
@@ -602,8 +598,6 @@ class Experiment:
         out = self.out / "synth" / kind
         if kind == "gradmix":
             if not out.exists():
-                from diffmix.maps.gradmix import gradmix_dataset
-
                 t0 = time.perf_counter()
                 s = self.cfg.synthesis
                 # the same balancing plan as DiffMix-B's maps (spec 6a): same settings, same seed
@@ -621,8 +615,6 @@ class Experiment:
                 _timed(self.log, "gradmix", t0, patches=len(patches))
             return read_dataset(out)
         if not (out / "DONE").exists():
-            from diffmix.synth.run import synthesize
-
             s = self.cfg.synthesis
             t0 = time.perf_counter()
             synthesize(
@@ -662,8 +654,6 @@ class Experiment:
         return self.out / stage / network
 
     def segmenter(self, arm: str, fold: int, fold_names: Sequence[str], seed: int = 0, network: str = "hovernet") -> Path:
-        from diffmix.seg.train import FINAL_NAME, train_segmenter
-
         out = self.network_folder("seg", network) / arm / self.run_name(fold, seed)
         final = out / FINAL_NAME
         if final.exists():
@@ -681,8 +671,6 @@ class Experiment:
 
     def training_sources(self, arm: str, fold: int, fold_names: Sequence[str]) -> tuple[Source, list[Source]]:
         """(original patches, synthetic sources with their counts) of one arm's training mix."""
-        from diffmix.seg.data import Source
-
         original = self.original_patches(fold_names)
         n = len(original)
         extra: list[Source] = []
@@ -702,9 +690,6 @@ class Experiment:
     def type_prior(self, arm: str, fold: int, ckpt: Path) -> list[float]:
         """The class prior of a run's training mix, for logit adjustment: the checkpoint's
         record, or (checkpoints written before it was recorded) recounted from the same mix."""
-        from diffmix.runs import checkpoint_meta
-        from diffmix.seg.train import mix_type_prior
-
         recorded = checkpoint_meta(ckpt).get("type_prior")
         if recorded is not None:
             return [float(x) for x in recorded]
@@ -716,10 +701,6 @@ class Experiment:
     def evaluation(self, arm: str, fold: int, ckpt: Path, seed: int = 0, network: str = "hovernet") -> dict[str, Any]:
         """The official metrics of one segmenter run on the test set (`diffmix evaluate`'s
         structure), plus the extra metrics of the scheme ("pannuke", "conic"); cached."""
-        from diffmix.metrics.evaluate import evaluate_labels, field_metrics, labels_from_maps
-        from diffmix.seg.infer import segment_image
-        from diffmix.seg.models import load_segmenter
-
         _, test = self.datasets()
         extras = self.cfg.extra_metrics_for(test.scheme)
         path = self.network_folder("eval", network) / arm / f"{self.run_name(fold, seed)}.json"
@@ -751,8 +732,6 @@ class Experiment:
         return result
 
     def fidelity(self, ckpt: Path) -> dict[str, Any]:
-        from diffmix.fidelity import label_fidelity
-
         out: dict[str, Any] = {}
         labels = {"balance": "DiffMix-B maps", "enlarge": "DiffMix-E maps", "gradmix": "GradMix"}
         wanted = [k for k in ("balance", "enlarge", "gradmix") if any(k in ARM_SETS[a] for a in self.cfg.arms)]
@@ -769,8 +748,6 @@ class Experiment:
     def utility(self) -> dict[str, Any]:
         """The utility classifier on the training images' nuclei +/- each synthetic set's,
         scored on the test nuclei (diffmix.utility); cached in utility.json."""
-        from diffmix.utility import UtilitySettings, utility_study
-
         path = self.out / "utility.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -904,3 +881,17 @@ def run_experiment(
         notes.insert(0, TOY_CAVEAT)
     paths = write_report(exp.out, results, train.scheme, figures, notes)
     return results, paths
+
+
+def run_demo(
+    out: Path, *, data: Path | None = None, scheme: str | None = None, device: str | None = None,
+    seed: int = 0, progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The `demo` experiment preset on the built-in toy data, or on a user's dataset folder."""
+    overrides: dict[str, Any] = {"seed": seed}
+    if data is not None:
+        overrides["data"] = {"train": str(data), "scheme": scheme, "toy": None}
+    elif scheme is not None:
+        raise ConfigError("--scheme goes with --data (the toy data uses merged CoNSeP classes)")
+    cfg = load_experiment_config("demo", overrides)
+    return run_experiment(cfg, out, device=device, progress=progress)

@@ -15,9 +15,13 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from diffmix.data.schemes import ClassScheme
+from diffmix.maps.conditioning import instance_edges
 from diffmix.runs import atomic_path, atomic_write_text, write_json
 from diffmix.stats import format_interval
 
@@ -212,17 +216,13 @@ def fidelity_rows(results: Mapping[str, Any], scheme: ClassScheme) -> tuple[list
 
 def class_distribution_figure(counts: Mapping[str, Mapping[int, int]], scheme: ClassScheme, path: Path) -> Path:
     """Grouped bars: nuclei per class for the original labels and each custom map kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sets = list(counts)
     classes = list(scheme.class_ids)
     width = 0.8 / max(1, len(sets))
     # Sets in greys, dark (original) to light: hues belong to the classes in the label maps.
-    shades = plt.get_cmap("Greys")(np.linspace(0.85, 0.25, len(sets))) if sets else []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.9))
+    shades = matplotlib.colormaps["Greys"](np.linspace(0.85, 0.25, len(sets))) if sets else []
+    fig = Figure(figsize=(11, 3.9))
+    axes = fig.subplots(1, 2)
     for ax, normalise in zip(axes, (False, True)):
         for i, name in enumerate(sets):
             c = counts[name]
@@ -242,8 +242,6 @@ def class_distribution_figure(counts: Mapping[str, Mapping[int, int]], scheme: C
 
 def label_rgb(inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
     """A label map as an RGB picture: class colours on white, instance edges dark."""
-    from diffmix.maps.conditioning import instance_edges
-
     out = np.full(inst_map.shape + (3,), 255, dtype=np.uint8)
     fg = inst_map > 0
     out[fg] = CLASS_COLOURS[np.clip(type_map[fg], 0, len(CLASS_COLOURS) - 1)]
@@ -264,15 +262,10 @@ def sample_grid_figure(
 ) -> Path:
     """One row per example, one column per (title, RGB image); None cells are left blank.
     `legend` ((name, RGB) pairs, e.g. `class_legend`) is drawn under the grid."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     legend_h = 0.6 if legend else 0.0  # inches under the grid for the legend and its title
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.1 * n_cols, 2.35 * n_rows + legend_h), squeeze=False)
+    fig = Figure(figsize=(2.1 * n_cols, 2.35 * n_rows + legend_h))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, row in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r][c]
@@ -296,12 +289,12 @@ def sample_grid_figure(
     return _save_figure(fig, path)
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
+def _save_figure(fig: Figure, path: Path) -> Path:
+    """Render with Agg into `path`. Figures are `matplotlib.figure.Figure` objects, not pyplot's:
+    no global backend switch or figure registry, so nothing is left open and importing this
+    module changes nothing for a caller who uses pyplot."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return path
 
 
@@ -429,3 +422,31 @@ def write_report(
     results_json = out / "results.json"
     write_json(results_json, results)
     return {"md": report_md, "html": report_html, "json": results_json}
+
+
+def rare_class_summary(results: Mapping[str, Any]) -> list[str]:
+    """What `diffmix experiment` and `demo` print: per downstream network, one line per arm (the
+    rare (minor) class F1, mean ± std over runs, PQ and Acc), then the paired differences with
+    their 95% intervals."""
+    scheme = ClassScheme.from_json(results["scheme"])
+    key = f"f1_{scheme.minor_class}"
+    lines = []
+    blocks = network_blocks(results)
+    for title, block in blocks:
+        if len(blocks) > 1:
+            lines.append(f"{title}:")
+        for arm, r in block["arms"].items():
+            m, s = r["summary"]["mean"], r["summary"]["std"]
+            lines.append(
+                f"{ARM_LABELS.get(arm, arm):<10} F {scheme.class_name(scheme.minor_class)} "
+                f"{m.get(key, float('nan')):.3f} ± {s.get(key, 0.0):.3f}   PQ {m['pq']:.3f}   Acc {m['acc']:.3f}"
+            )
+        iv = block.get("intervals") or {}
+        for pair, d in iv.get("differences", {}).items():
+            a, b = pair.split(" - ")
+            parts = []
+            for metric in iv["metrics"]:
+                name = "F " + scheme.class_name(scheme.minor_class) if metric.startswith("f1_") else metric.upper()
+                parts.append(f"{name} {format_interval(d[metric], signed=True)}")
+            lines.append(f"{ARM_LABELS.get(a, a)} − {ARM_LABELS.get(b, b)}: " + "   ".join(parts) + "  (95% CI)")
+    return lines

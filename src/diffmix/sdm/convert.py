@@ -30,8 +30,8 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
+from diffmix.checkpoints import checkpoint_meta, file_sha256, load_checkpoint, save_checkpoint
 from diffmix.errors import CheckpointError, ConfigError
-from diffmix.runs import checkpoint_meta, file_sha256, save_checkpoint
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.unet import UNetConfig, UNetModel, build_unet
 
@@ -330,8 +330,6 @@ def _read_weights(
     """(name of the first of `order` present, its tensors, checkpoint meta), reading only those
     tensors: a paper-size training checkpoint also holds the raw weights and two Adam moments
     (4x the EMA's 2.6 GB), which sampling never needs."""
-    from diffmix.runs import load_checkpoint
-
     meta: dict[str, Any] = {}
     for name in order:
         state, meta = load_checkpoint(path, only=[name])

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from diffmix.errors import ConfigError
+from diffmix.sdm.settings import start_index
 
 Denoiser = Callable[[Tensor, int], Tensor]
 """(x (B, C, H, W), network step t) -> predicted noise eps, shaped and typed like x."""
@@ -84,8 +85,6 @@ def respaced_schedule(diffusion: _Diffusion, steps: int) -> Schedule:
 def partial_start(schedule: Schedule, start_fraction: Any) -> Schedule:
     """spec 4's `ddim_percent`: keep the floor(N * start_fraction) least noisy points of an
     N-point schedule (55 of ddim100: t = 540, 530, ..., 0)."""
-    from diffmix.sdm.settings import start_index
-
     return schedule.last(start_index(len(schedule), start_fraction) + 1)
 
 

@@ -19,21 +19,24 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
-from diffmix.config import build_config, dump_config, load_preset, read_yaml
-from diffmix.data.sample import NucleiSample
-from diffmix.errors import CheckpointError, ConfigError, DataError
-from diffmix.maps.conditioning import condition_batch
-from diffmix.runs import (
-    JsonlLog,
+from diffmix.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     load_state_strict,
-    prepare_run_folder,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from diffmix.config import build_config, dump_config, load_preset, read_yaml
+from diffmix.data.io import write_image
+from diffmix.data.sample import NucleiSample
+from diffmix.distributed import barrier, init_distributed
+from diffmix.errors import CheckpointError, ConfigError, DataError
+from diffmix.maps.conditioning import condition_batch
+from diffmix.runs import JsonlLog, prepare_run_folder
 from diffmix.sdm.data import noise_generator, preview_batch, training_batch
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample, to_uint8
@@ -314,8 +317,6 @@ def train_sdm(
     `torchrun` every rank calls this; rank 0 writes the folder, checkpoints, log and grids.
     Returns the folder, the final step and the trained model and EMA of this process.
     """
-    from diffmix.distributed import barrier, init_distributed
-
     if cfg.unet.label_nc != num_classes + 2:
         raise ConfigError(f"unet.label_nc {cfg.unet.label_nc} does not fit K={num_classes} classes (needs {num_classes + 2})")
     if not samples:
@@ -363,8 +364,6 @@ def train_sdm(
 
     net: torch.nn.Module = model
     if info.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     diffusion = GaussianDiffusion.linear(cfg.diffusion_steps)
     preview = preview_batch(samples, cfg.sample_count, cfg.crop_size, cfg.seed) if info.is_main else None
@@ -387,8 +386,6 @@ def train_sdm(
         save_checkpoint(path, tensors, meta)
         _prune_checkpoints(out, cfg.keep_checkpoints)
         return path
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.total_steps, initial=start, disable=not (progress and info.is_main), desc="sdm train")
     last_ckpt = ckpt
@@ -432,8 +429,6 @@ def train_sdm(
             if done % cfg.checkpoint_every == 0 or done == cfg.total_steps:
                 last_ckpt = save(done)
             if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.total_steps):
-                from diffmix.data.io import write_image
-
                 grid = sample_grid(
                     [model, ema], preview.image, preview.inst_map, preview.type_map, num_classes,
                     settings=cfg.sampler, seed=cfg.seed, diffusion=diffusion,

@@ -40,6 +40,13 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
+try:  # torch >= 2.4 (pyproject allows 2.2): only `use_checkpoint: selective` needs them
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+except ImportError:  # pragma: no cover - older torch
+    CheckpointPolicy = create_selective_checkpoint_contexts = None  # type: ignore[assignment,misc]
+
+from diffmix.errors import ConfigError
+
 NORM_GROUPS = 32  # spec 2: every GroupNorm (plain and SPADE) has 32 groups
 SPADE_HIDDEN = 128  # spec 2: SPADE's shared conv maps the label to 128 channels
 TIME_EMBED_MULT = 4  # time embedding width = 4 * model_channels (1024 for the paper config)
@@ -359,8 +366,6 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     holds half the activations of an unchecked step (197 vs 398 MiB; full recomputation: 48).
     The norms, activations, products and label convs between the saved ops are redone.
     """
-    from torch.utils.checkpoint import CheckpointPolicy
-
     if op in _MATMUL_OPS:
         return CheckpointPolicy.MUST_SAVE
     if op == torch.ops.aten.convolution.default:
@@ -394,8 +399,8 @@ class _Checkpointed(nn.Module):
     def forward(self, *args: Tensor) -> Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
             if self.use_checkpoint == "selective":
-                from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
+                if create_selective_checkpoint_contexts is None:
+                    raise ConfigError(f"use_checkpoint: selective needs torch >= 2.4, this is {torch.__version__}")
                 contexts = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
                 return _torch_checkpoint(self._forward, *args, use_reentrant=False, context_fn=contexts)
             return _torch_checkpoint(self._forward, *args, use_reentrant=False)

@@ -57,6 +57,9 @@ from diffmix.data.patches import dihedral_arrays
 from diffmix.data.sample import NucleiSample
 from diffmix.errors import ClassSchemeError, ConfigError
 from diffmix.seeds import epoch_order_rng, item_rng, loader_seed, mix_rng
+from diffmix.seg.augment import hovernet_augment
+from diffmix.seg.sonnet.targets import make_sonnet_targets
+from diffmix.seg.targets import make_targets
 
 
 #: Training augmentations of `PatchItems` (module docstring).
@@ -260,8 +263,6 @@ class PatchItems(torch.utils.data.Dataset):
         return self.item(self.epoch, int(position))
 
     def item(self, epoch: int, position: int) -> dict[str, torch.Tensor]:
-        from diffmix.seg.targets import make_targets
-
         order = self.epoch_order(epoch)
         si, index = self.plan[int(order[position])]
         sample = self.sources[si].dataset.samples[index]
@@ -272,8 +273,6 @@ class PatchItems(torch.utils.data.Dataset):
         y = int(rng.integers(0, h - size + 1))
         x = int(rng.integers(0, w - size + 1))
         if self.augment and self.augmentation == "hovernet":
-            from diffmix.seg.augment import hovernet_augment
-
             image, inst_map, type_map = hovernet_augment(image, inst_map, type_map, y, x, size, rng)
             img = image.astype(np.float32) / 255.0
         else:
@@ -286,8 +285,6 @@ class PatchItems(torch.utils.data.Dataset):
                 img = colour_jitter(img, self.jitter, rng)
         out = size - 2 * self.crop_margin
         if self.targets == "sonnet":
-            from diffmix.seg.sonnet.targets import make_sonnet_targets
-
             t = make_sonnet_targets(inst_map, type_map, out_size=out if self.crop_margin else None)
             return {
                 "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),

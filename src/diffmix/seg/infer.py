@@ -40,9 +40,19 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from skimage.segmentation import find_boundaries
+from tqdm import tqdm
 
+from diffmix.data.io import check_image_file, read_image, write_image, write_mat_labels
+from diffmix.data.schemes import CONTOUR_COLOURS
+from diffmix.distributed import resolve_device
 from diffmix.errors import CheckpointError, ConfigError, DataError
+from diffmix.runs import JsonlLog, prepare_run_folder
+from diffmix.seg.models import load_segmenter
 from diffmix.seg.postproc import postprocess, prior_adjusted
+from diffmix.seg.sonnet.loss import predicted_levels
+from diffmix.seg.sonnet.postproc import postprocess_sonnet
+from diffmix.seg.sonnet.targets import NUM_LEVELS
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
@@ -54,19 +64,6 @@ SIZE_MULTIPLE = 32
 #: are tiled with `LARGE_IMAGE_TILE` (same result with the default overlap, bounded memory).
 WHOLE_IMAGE_MAX = 2048
 LARGE_IMAGE_TILE = 1024
-
-#: Contour colour (RGB) of each class id in overlays; id 0 (no class) is white.
-CLASS_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (255, 255, 255),
-    (255, 0, 0),
-    (0, 200, 0),
-    (0, 80, 255),
-    (255, 200, 0),
-    (255, 0, 255),
-    (0, 230, 230),
-    (255, 128, 0),
-    (128, 0, 255),
-)
 
 
 def _default_overlap(model: Any, side: int, margin: int) -> int:
@@ -140,8 +137,6 @@ def check_tiling(model: Any, tile: int | None, overlap: int | None, batch_size: 
 
 def _resolve_device(model: Any, device: str | torch.device | None) -> torch.device:
     if device is not None:
-        from diffmix.distributed import resolve_device
-
         return resolve_device(device)
     params = getattr(model, "parameters", None)
     if callable(params):
@@ -281,8 +276,6 @@ def _tile_maps(
 ) -> dict[str, np.ndarray]:
     """Per-pixel maps (B, C, O, O) of one batch of network outputs, as they are stitched:
     np -> P(nucleus) (1 channel), tp -> softmax, hv as is, ord -> decoded level (1 channel)."""
-    from diffmix.seg.sonnet.targets import NUM_LEVELS
-
     if not isinstance(out, Mapping):
         raise CheckpointError("the network must return a dict with 'np', 'hv' (or 'ord') and 'tp' maps")
     try:
@@ -305,8 +298,6 @@ def _tile_maps(
     if second == "hv":
         maps["hv"] = other.float().cpu().numpy()
     else:
-        from diffmix.seg.sonnet.loss import predicted_levels
-
         maps["ord"] = predicted_levels(other.float())[:, None].to(torch.float32).cpu().numpy()
     return maps
 
@@ -336,8 +327,6 @@ def segment_image(
         return prior_adjusted(tp, list(type_prior or []), logit_adjust) if logit_adjust else tp
 
     if getattr(model, "post_processing", "hovernet") == "sonnet":
-        from diffmix.seg.sonnet.postproc import postprocess_sonnet
-
         maps = predict_maps(model, image, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
         return postprocess_sonnet(maps["np"], maps["ord"], adjusted(maps["tp"]), keep_unmarked=keep_unmarked)
     np_prob, hv, tp_prob = predict_image(
@@ -348,11 +337,9 @@ def segment_image(
 
 def overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
     """The image with every nucleus outlined (1-px inner contour) in its class colour, uint8 RGB."""
-    from skimage.segmentation import find_boundaries
-
     out = np.array(image, dtype=np.uint8, copy=True)
     edge = find_boundaries(inst_map, mode="inner") & (inst_map > 0)
-    palette = np.array(CLASS_COLOURS, dtype=np.uint8)
+    palette = np.array(CONTOUR_COLOURS, dtype=np.uint8)
     out[edge] = palette[type_map[edge] % len(palette)]
     return out
 
@@ -391,11 +378,6 @@ def infer_images(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Segment every image of a folder with a loaded network; see `infer_folder`."""
-    from tqdm import tqdm
-
-    from diffmix.data.io import check_image_file, read_image, write_image, write_mat_labels
-    from diffmix.runs import JsonlLog, prepare_run_folder
-
     files = list_images(images)
     check_tiling(model, tile, overlap, batch_size)
     for path in files:  # headers only: refuse a 16-bit or foreign file before the folder exists
@@ -476,12 +458,9 @@ def infer_folder(
     The post-processing is the checkpoint's network's: HoVer-Net's or SONNET's.
     Returns a summary {"out", "images", "done", "skipped", "nuclei"}.
     """
-    from diffmix.seg.models import load_segmenter
-
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         raise CheckpointError(f"{ckpt}: checkpoint not found")
-    from diffmix.distributed import resolve_device
 
     device = resolve_device(device)
     model, meta = load_segmenter(ckpt, device=device)

@@ -50,9 +50,13 @@ from typing import Any, Literal, Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.nets import HoVerNet
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from safetensors.torch import load_file
 
+from diffmix.checkpoints import load_checkpoint, load_state_strict
 from diffmix.errors import CheckpointError, ConfigError
+from diffmix.seg.sonnet.model import SonnetNet, load_efficientnet_weights, output_size
 
 Arch = Literal["small", "hovernet-fast", "hovernet-original", "sonnet"]
 
@@ -181,7 +185,6 @@ class MonaiHoverNet(nn.Module):
 
     def __init__(self, num_classes: int, mode: Literal["fast", "original"]) -> None:
         super().__init__()
-        from monai.networks.nets import HoVerNet
 
         self.num_classes = num_classes
         self.mode = mode
@@ -268,8 +271,6 @@ def _torchvision_key(key: str) -> str | None:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise beside our own error
         warnings.simplefilter("ignore")
@@ -351,8 +352,6 @@ def build_segmenter(config: SegModelConfig | Mapping[str, Any], load_pretrained:
             raise ConfigError("model.pretrained applies to the HoVer-Net encoders only (and SONNET's), not arch 'small'")
         model: nn.Module = SmallHoverNet(cfg.num_classes, cfg.width, cfg.depth, cfg.max_width)
     elif cfg.arch == "sonnet":
-        from diffmix.seg.sonnet.model import SonnetNet, load_efficientnet_weights, output_size
-
         output_size(cfg.input_size)  # a bad size fails before anything is built
         if cfg.pretrained and load_pretrained and not Path(cfg.pretrained).expanduser().is_file():
             raise CheckpointError(
@@ -388,8 +387,6 @@ def load_segmenter(ckpt_path: str | Path, device: str | torch.device = "cpu") ->
 
     meta holds "num_classes", "model" (the SegModelConfig dict) and "preset" at least.
     """
-    from diffmix.runs import load_checkpoint, load_state_strict
-
     state, meta = load_checkpoint(ckpt_path)
     if "model" not in meta or "num_classes" not in meta or not isinstance(state.get("model"), Mapping):
         raise CheckpointError(f"{ckpt_path}: not a diffmix segmenter checkpoint (no model config in its metadata)")

@@ -45,15 +45,28 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from diffmix.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_state_strict,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from diffmix.config import build_config, dump_config
 from diffmix.data.io import Dataset, read_dataset
+from diffmix.distributed import barrier, init_distributed
 from diffmix.errors import ConfigError
+from diffmix.runs import JsonlLog, prepare_run_folder
+from diffmix.seeds import weights_seed
 from diffmix.seg.data import PatchItems, Source, check_schemes, epoch_loader, mix_plan
 from diffmix.seg.loss import LossConfig, hover_loss
 from diffmix.seg.models import HOVERNET_SIZES, SegModelConfig, build_segmenter
 from diffmix.seg.sonnet.loss import SonnetLossConfig, class_weights, sonnet_loss
-from diffmix.seeds import weights_seed
+from diffmix.seg.sonnet.model import output_size
 
 FINAL_NAME = "final.safetensors"
 LOG_NAME = "log.jsonl"
@@ -300,8 +313,6 @@ class _Phase:
         self.batch_size = spec.batch_size
         self.module = model
         if dist_device is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [dist_device.index] if dist_device.type == "cuda" else None
             self.module = DistributedDataParallel(model, device_ids=ids)
 
@@ -326,20 +337,6 @@ def train_segmenter(
     config: a SegTrainConfig or dict (default: preset `cpu-tiny`); `preset` is recorded in the
         checkpoint metadata only. `model.num_classes` is taken from the datasets' class scheme.
     """
-    from tqdm import tqdm
-
-    from diffmix.distributed import barrier, init_distributed
-    from diffmix.runs import (
-        JsonlLog,
-        latest_checkpoint,
-        load_checkpoint,
-        load_state_strict,
-        prepare_run_folder,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-
     if config is None:
         cfg = resolve_config("cpu-tiny")
         preset = preset or "cpu-tiny"
@@ -387,8 +384,6 @@ def train_segmenter(
     if cfg.model.arch == "small":
         patch_size, margin = cfg.patch_size or 64, 0
     elif sonnet:
-        from diffmix.seg.sonnet.model import output_size
-
         in_size = cfg.model.input_size
         out_size = output_size(in_size)
         if cfg.patch_size not in (None, in_size):

@@ -27,13 +27,14 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from diffmix.checkpoints import file_sha256
 from diffmix.data.io import Dataset, read_dataset, write_dataset_json, write_sample
 from diffmix.data.sample import NucleiSample
 from diffmix.data.schemes import ClassScheme
 from diffmix.distributed import barrier, init_distributed
 from diffmix.errors import CheckpointError, ConfigError, DataError
 from diffmix.maps.conditioning import condition_batch
-from diffmix.runs import JsonlLog, check_output_folder, file_sha256, prepare_run_folder
+from diffmix.runs import JsonlLog, check_output_folder, prepare_run_folder
 from diffmix.sdm.convert import check_weights, load_sdm
 from diffmix.sdm.data import image_to_tensor
 from diffmix.sdm.sampler import diffmix_sample, to_uint8

@@ -46,6 +46,8 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.nets import EfficientNet
+from safetensors.torch import load_file
 
 from diffmix.errors import CheckpointError, ConfigError
 from diffmix.seg.sonnet.targets import NUM_LEVELS
@@ -148,7 +150,6 @@ class SonnetEncoder(nn.Module):
         drop_connect_rate: float = 0.2,
     ) -> None:
         super().__init__()
-        from monai.networks.nets import EfficientNet
 
         # built for a 2N image: after MONAI's stride-2 stem every block sees the N-px map
         # SONNET's stride-1 stem gives, so its static 'SAME' paddings are the right ones
@@ -359,8 +360,6 @@ _FLAT_BLOCK = re.compile(r"^_blocks\.(\d+)\.(.+)$")
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     if path.suffix == ".npz":
         raise CheckpointError(

@@ -58,6 +58,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import binary_dilation, generate_binary_structure
 from scipy.ndimage import label as _label
+from skimage.morphology import local_maxima, reconstruction
 from skimage.segmentation import watershed
 
 from diffmix.data.sample import inst_centroids, remap_ids
@@ -111,8 +112,6 @@ def split_markers(markers: np.ndarray, level: np.ndarray, dynamic: int = PEAK_DY
     marker holding k >= 2 peaks becomes k markers by a watershed of -ŷ from the peaks inside
     it. Returns int32 labels 1..N (markers with fewer than two peaks keep their pixels).
     """
-    from skimage.morphology import local_maxima, reconstruction
-
     cross = generate_binary_structure(2, 1)
     if not markers.any():
         return np.zeros(markers.shape, dtype=np.int32)
