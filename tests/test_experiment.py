@@ -252,7 +252,7 @@ def test_two_networks_end_to_end_with_one_table_block_each(tmp_path: Path) -> No
     html = paths["html"].read_text()
     assert html.count("<h3>HoVer-Net (preset cpu-tiny)</h3><table>") == 2
     assert html.count("<h3>SONNET (preset sonnet-cpu-tiny)</h3><table>") == 2
-    from diffmix.pipeline.commands import rare_class_summary
+    from diffmix.pipeline.report import rare_class_summary
 
     lines = rare_class_summary(results)  # what `diffmix experiment` prints: one part per network
     heads = [i for i, line in enumerate(lines) if line.endswith("):")]
@@ -322,7 +322,7 @@ def test_logit_adjusted_evaluation_uses_each_runs_own_training_prior(tmp_path: P
     """seg.logit_adjust: the evaluation divides out the prior of the run's own mix; a checkpoint
     written before the prior was recorded gets it recounted from the same mix, identically."""
     from diffmix.pipeline.experiment import Experiment, run_experiment
-    from diffmix.runs import load_checkpoint, save_checkpoint
+    from diffmix.checkpoints import load_checkpoint, save_checkpoint
 
     spec = {**TWO_NETWORKS, "name": "logit-adjust", "downstream": ["hovernet"],
             "seg": {**MICRO["seg"], "logit_adjust": 1.0}}

@@ -99,7 +99,7 @@ def test_every_default_comes_from_the_settings():
     from SamplerSettings' defaults (written once, in diffmix.sdm.settings)."""
     import inspect
 
-    from diffmix.pipeline.cli import synthesize_cmd
+    from diffmix.synth.cli import synthesize_cmd
     from diffmix.pipeline.experiment import SynthStage
     from diffmix.sdm.cli import sample_cmd
     from diffmix.sdm.train import SDMTrainConfig

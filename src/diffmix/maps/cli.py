@@ -3,25 +3,24 @@
 Each reads a dataset folder, calls one function of `diffmix.maps`, and writes a dataset folder
 (foundation format, `dataset.json` merged, with the parameters, seed and command in its
 provenance). For the label-only maps (balance, enlarge) the images are the originals.
+
+CLI convention: top-level `<name>_cmd` functions, `register(app)` only attaches them, library
+modules imported inside the command bodies (see `diffmix.data.cli` and docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ConfigError
 from diffmix.maps.params import BalanceParams
 
-maps_app = typer.Typer(
-    name="maps",
-    help="Custom label maps for DiffMix: balancing (GradMix labels) and enlarging (shifted nuclei).",
-    no_args_is_help=True,
-)
+if TYPE_CHECKING:
+    from diffmix.data.schemes import ClassScheme
 
 
 def resolve_class(scheme: ClassScheme, token: str | int) -> int:
@@ -124,100 +123,95 @@ def balance_words(params: BalanceParams) -> list[Any]:
             *(["--target-distribution", ",".join(f"{k}={v}" for k, v in dist.items())] if dist else [])]
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `maps` sub-command group and the top-level `gradmix` command."""
-    app.add_typer(maps_app, name="maps")
+def balance_cmd(
+    dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
+    out: Path = typer.Argument(..., help="Output dataset folder (must not exist or be empty)."),
+    scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
+    minor_class: Optional[str] = MINOR_CLASS_OPTION,
+    fraction: float = FRACTION_OPTION,
+    border: float = BORDER_OPTION,
+    area_ratio: float = AREA_RATIO_OPTION,
+    target_distribution: list[str] = TARGET_DISTRIBUTION_OPTION,
+    seed: int = SEED_OPTION,
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Balancing maps (GradMix labels, spec 6a); images are the originals, untouched."""
+    from diffmix.data.io import read_dataset, write_dataset
+    from diffmix.maps.balance import balance_dataset
+    from diffmix.runs import check_output_folder
 
-    @maps_app.command("balance")
-    def balance_cmd(
-        dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
-        out: Path = typer.Argument(..., help="Output dataset folder (must not exist or be empty)."),
-        scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
-        minor_class: Optional[str] = MINOR_CLASS_OPTION,
-        fraction: float = FRACTION_OPTION,
-        border: float = BORDER_OPTION,
-        area_ratio: float = AREA_RATIO_OPTION,
-        target_distribution: list[str] = TARGET_DISTRIBUTION_OPTION,
-        seed: int = SEED_OPTION,
-        overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    ) -> None:
-        """Balancing maps (GradMix labels, spec 6a); images are the originals, untouched."""
-        from diffmix.data.io import read_dataset, write_dataset
-        from diffmix.maps.balance import balance_dataset
-        from diffmix.runs import check_output_folder
+    check_output_folder(out)  # before the maps are computed, not at the write
+    ds = read_dataset(dataset, scheme)
+    params = balance_params(ds.scheme, minor_class, fraction, border, area_ratio, target_distribution, seed)
+    samples, report = balance_dataset(ds.samples, params)
+    cmd = _command("maps", "balance", dataset, out, *balance_words(params))
+    provenance = dict(kind="balancing-maps", source=str(dataset), command=cmd, seed=seed,
+                      params=report.params, report=report.to_json(), images="original")
+    path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
+    typer.echo(_summary("balancing maps", path, ds.scheme, report))
 
-        check_output_folder(out)  # before the maps are computed, not at the write
-        ds = read_dataset(dataset, scheme)
-        params = balance_params(ds.scheme, minor_class, fraction, border, area_ratio, target_distribution, seed)
-        samples, report = balance_dataset(ds.samples, params)
-        cmd = _command("maps", "balance", dataset, out, *balance_words(params))
-        provenance = dict(kind="balancing-maps", source=str(dataset), command=cmd, seed=seed,
-                          params=report.params, report=report.to_json(), images="original")
-        path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
-        typer.echo(_summary("balancing maps", path, ds.scheme, report))
+def enlarge_cmd(
+    dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
+    out: Path = typer.Argument(..., help="Output dataset folder of grid patches."),
+    scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
+    patch: int = typer.Option(256, help="Patch size (spec 5: 256)."),
+    stride: int = typer.Option(76, help="Grid stride (spec 5: 76)."),
+    frame: int = typer.Option(32, help="Nuclei touching this border frame stay (spec 6b: 32)."),
+    no_overlap: bool = typer.Option(
+        False, "--no-overlap", help="Redraw shifts that would touch another nucleus (beyond the paper)."
+    ),
+    max_tries: int = typer.Option(10, help="Draws per nucleus in --no-overlap mode before it stays in place."),
+    seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """Enlarging maps (shifted nuclei, spec 6b) of every grid patch; images are the original patches."""
+    from diffmix.data.io import read_dataset, write_dataset
+    from diffmix.maps.enlarge import enlarge_dataset
+    from diffmix.runs import check_output_folder
 
-    @maps_app.command("enlarge")
-    def enlarge_cmd(
-        dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
-        out: Path = typer.Argument(..., help="Output dataset folder of grid patches."),
-        scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
-        patch: int = typer.Option(256, help="Patch size (spec 5: 256)."),
-        stride: int = typer.Option(76, help="Grid stride (spec 5: 76)."),
-        frame: int = typer.Option(32, help="Nuclei touching this border frame stay (spec 6b: 32)."),
-        no_overlap: bool = typer.Option(False, help="Redraw shifts that would touch another nucleus (beyond the paper)."),
-        max_tries: int = typer.Option(10, help="Draws per nucleus in --no-overlap mode before it stays in place."),
-        seed: int = typer.Option(0, help="Random seed: same seed, same bytes."),
-        overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    ) -> None:
-        """Enlarging maps (shifted nuclei, spec 6b) of every grid patch; images are the original patches."""
-        from diffmix.data.io import read_dataset, write_dataset
-        from diffmix.maps.enlarge import enlarge_dataset
-        from diffmix.runs import check_output_folder
+    check_output_folder(out)  # before the maps are computed, not at the write
+    ds = read_dataset(dataset, scheme)
+    samples = enlarge_dataset(ds.samples, patch=patch, stride=stride, seed=seed, no_overlap=no_overlap,
+                              frame=frame, max_tries=max_tries)
+    params = dict(patch=patch, stride=stride, frame=frame, shift_range=[-15, 14], keep_prob=0.3,
+                  no_overlap=no_overlap, max_tries=max_tries, seed=seed)
+    cmd = _command("maps", "enlarge", dataset, out, "--patch", patch, "--stride", stride, "--frame", frame,
+                   "--no-overlap" if no_overlap else "", "--max-tries", max_tries, "--seed", seed)
+    provenance = dict(kind="enlarging-maps", source=str(dataset), command=cmd, seed=seed, params=params,
+                      images="original patches")
+    path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
+    typer.echo(f"enlarging maps: {len(samples)} patches of {len(ds)} images written to {path}")
 
-        check_output_folder(out)  # before the maps are computed, not at the write
-        ds = read_dataset(dataset, scheme)
-        samples = enlarge_dataset(ds.samples, patch=patch, stride=stride, seed=seed, no_overlap=no_overlap,
-                                  frame=frame, max_tries=max_tries)
-        params = dict(patch=patch, stride=stride, frame=frame, shift_range=[-15, 14], keep_prob=0.3,
-                      no_overlap=no_overlap, max_tries=max_tries, seed=seed)
-        cmd = _command("maps", "enlarge", dataset, out, "--patch", patch, "--stride", stride, "--frame", frame,
-                       "--no-overlap" if no_overlap else "", "--max-tries", max_tries, "--seed", seed)
-        provenance = dict(kind="enlarging-maps", source=str(dataset), command=cmd, seed=seed, params=params,
-                          images="original patches")
-        path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
-        typer.echo(f"enlarging maps: {len(samples)} patches of {len(ds)} images written to {path}")
+def gradmix_cmd(
+    dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
+    out: Path = typer.Argument(..., help="Output dataset folder (GradMix images and labels)."),
+    scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
+    minor_class: Optional[str] = MINOR_CLASS_OPTION,
+    fraction: float = FRACTION_OPTION,
+    border: float = BORDER_OPTION,
+    area_ratio: float = AREA_RATIO_OPTION,
+    target_distribution: list[str] = TARGET_DISTRIBUTION_OPTION,
+    seed: int = SEED_OPTION,
+    inpaint: bool = typer.Option(True, help="Telea-inpaint each target first (original GradMix; off in the DiffMix copy)."),
+    double_blend: bool = typer.Option(True, help="Apply the blend twice, as the official code does."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+) -> None:
+    """GradMix baseline (spec 6a): balancing labels plus synthesised images."""
+    from diffmix.data.io import read_dataset, write_dataset
+    from diffmix.maps.gradmix import gradmix_dataset
+    from diffmix.runs import check_output_folder
 
-    @app.command("gradmix")
-    def gradmix_cmd(
-        dataset: Path = typer.Argument(..., help="Dataset folder of full-size training images."),
-        out: Path = typer.Argument(..., help="Output dataset folder (GradMix images and labels)."),
-        scheme: Optional[str] = typer.Option(None, help="Class scheme for raw labels (consep, glysac, pannuke, YAML)."),
-        minor_class: Optional[str] = MINOR_CLASS_OPTION,
-        fraction: float = FRACTION_OPTION,
-        border: float = BORDER_OPTION,
-        area_ratio: float = AREA_RATIO_OPTION,
-        target_distribution: list[str] = TARGET_DISTRIBUTION_OPTION,
-        seed: int = SEED_OPTION,
-        inpaint: bool = typer.Option(True, help="Telea-inpaint each target first (original GradMix; off in the DiffMix copy)."),
-        double_blend: bool = typer.Option(True, help="Apply the blend twice, as the official code does."),
-        overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
-    ) -> None:
-        """GradMix baseline (spec 6a): balancing labels plus synthesised images."""
-        from diffmix.data.io import read_dataset, write_dataset
-        from diffmix.maps.gradmix import gradmix_dataset
-        from diffmix.runs import check_output_folder
-
-        check_output_folder(out)  # before the maps are computed, not at the write
-        ds = read_dataset(dataset, scheme)
-        params = balance_params(ds.scheme, minor_class, fraction, border, area_ratio, target_distribution, seed)
-        samples, report = gradmix_dataset(ds.samples, params, inpaint=inpaint, double_blend=double_blend)
-        cmd = _command("gradmix", dataset, out, *balance_words(params),
-                       "--inpaint" if inpaint else "--no-inpaint",
-                       "--double-blend" if double_blend else "--no-double-blend")
-        provenance = dict(kind="gradmix", source=str(dataset), command=cmd, seed=seed, params=report.params,
-                          report=report.to_json(), images="gradmix-synthesised")
-        path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
-        typer.echo(_summary("gradmix", path, ds.scheme, report))
+    check_output_folder(out)  # before the maps are computed, not at the write
+    ds = read_dataset(dataset, scheme)
+    params = balance_params(ds.scheme, minor_class, fraction, border, area_ratio, target_distribution, seed)
+    samples, report = gradmix_dataset(ds.samples, params, inpaint=inpaint, double_blend=double_blend)
+    cmd = _command("gradmix", dataset, out, *balance_words(params),
+                   "--inpaint" if inpaint else "--no-inpaint",
+                   "--double-blend" if double_blend else "--no-double-blend")
+    provenance = dict(kind="gradmix", source=str(dataset), command=cmd, seed=seed, params=report.params,
+                      report=report.to_json(), images="gradmix-synthesised")
+    path = write_dataset(out, samples, ds.scheme, provenance, overwrite=overwrite)
+    typer.echo(_summary("gradmix", path, ds.scheme, report))
 
 
 def _summary(what: str, path: Path, scheme: ClassScheme, report: Any) -> str:
@@ -231,3 +225,16 @@ def _summary(what: str, path: Path, scheme: ClassScheme, report: Any) -> str:
             lines.append(f"  requested class {c} share {p:.2%}, achieved {report.achieved.get(c, 0.0):.2%}")
     lines.append(f"  pasted sources overwrote {report.overwritten_pixels} px of {report.overwritten_nuclei} other nuclei")
     return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the `maps` group (balance, enlarge) and the top-level `gradmix` to `app`."""
+    maps_app = typer.Typer(
+        name="maps",
+        help="Custom label maps for DiffMix: balancing (GradMix labels) and enlarging (shifted nuclei).",
+        no_args_is_help=True,
+    )
+    maps_app.command("balance")(balance_cmd)
+    maps_app.command("enlarge")(enlarge_cmd)
+    app.add_typer(maps_app, name="maps")
+    app.command("gradmix")(gradmix_cmd)

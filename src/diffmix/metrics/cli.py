@@ -1,4 +1,8 @@
-"""Commands of the `metrics` area: `diffmix evaluate`."""
+"""Commands of the `metrics` area: `diffmix evaluate`.
+
+CLI convention: top-level `<name>_cmd` functions, `register(app)` only attaches them, library
+modules imported inside the command bodies (see `diffmix.data.cli` and docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ def _check_classes_known(class_ids: list[int], true: Path) -> None:
         )
 
 
-def evaluate(
+def evaluate_cmd(
     pred: Path = typer.Option(..., "--pred", help="Folder of predicted labels (.mat or .npy)."),
     true: Path = typer.Option(..., "--true", help="Folder of ground-truth labels (.mat or .npy)."),
     scheme: Optional[str] = typer.Option(
@@ -71,7 +75,8 @@ def evaluate(
     """Dice, AJI, AJI+, DQ/SQ/PQ per image and pooled type F1 (official HoVer-Net numbers)."""
     from diffmix.data.schemes import get_scheme
     from diffmix.metrics.evaluate import evaluate_folders, format_table, to_json
-    from diffmix.runs import check_output_file
+    from diffmix.metrics.panoptic import format_panoptic
+    from diffmix.runs import atomic_write_text, check_output_file
 
     if scheme is not None and classes is not None:
         raise ConfigError("give --scheme or --classes, not both")
@@ -88,18 +93,14 @@ def evaluate(
     if compat is not None:
         typer.echo(f"  (type statistics: --compat {compat})")
     if pannuke or conic:
-        from diffmix.metrics.panoptic import format_panoptic
-
         typer.echo("\n" + format_panoptic(result, resolved.classes if resolved is not None else None))
     if scheme is None and classes is None:
         typer.echo("  (classes: those present in the ground truth; pass --scheme or --classes)")
     if json_out is not None:
-        from diffmix.runs import atomic_write_text
-
         atomic_write_text(json_out, to_json(result))
         typer.echo(f"wrote {json_out}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the main `diffmix` app."""
-    app.command("evaluate")(evaluate)
+    """Attach `evaluate` to `app`."""
+    app.command("evaluate")(evaluate_cmd)

@@ -1,111 +1,20 @@
-"""Commands of the `pipeline` area: `diffmix synthesize`, `diffmix fidelity` and `diffmix utility`.
+"""Commands of the `pipeline` area: `diffmix fidelity`, `utility`, `experiment` and `demo`.
 
-Each command is registered by its own function below, so later pipeline commands
-(`experiment`, `demo`) add their own without touching these.
+Label fidelity and utility score synthetic sets (their library modules are `diffmix.fidelity`
+and `diffmix.utility`); the experiment runs every stage, those two included, for the five arms.
+CLI convention: top-level `<name>_cmd` functions, `register(app)` only attaches them, library
+modules imported inside the command bodies (see `diffmix.data.cli` and docs/architecture.md).
 """
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from diffmix.errors import ConfigError
-from diffmix.sdm.cli import (
-    ETA_OPTION,
-    GUIDANCE_SCALE_OPTION,
-    PASSES_OPTION,
-    SOLVER_OPTION,
-    SPACING_OPTION,
-    START_FRACTION_OPTION,
-    STEPS_OPTION,
-    sampler_settings,
-)
-
-
-def _json_option(text: Optional[str], what: str) -> dict[str, Any]:
-    """A JSON object given on the command line (e.g. --balance '{"fraction": 0.5}')."""
-    if text is None:
-        return {}
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} {text!r}: not valid JSON ({exc.msg})") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{what} {text!r}: expected a JSON object like '{{\"fraction\": 0.8}}'")
-    return obj
-
-
-# --------------------------------------------------------------------------- synthesize
-
-
-def synthesize_cmd(
-    dataset: Path = typer.Argument(..., help="Dataset folder of full-size images with labels."),
-    ckpt: Path = typer.Argument(..., help="SDM checkpoint: `diffmix sdm train` output, or an authors' .pt converted by `diffmix sdm import`."),
-    out: Path = typer.Argument(..., help="Output dataset folder (re-running on it resumes)."),
-    maps: str = typer.Option(..., "--maps", help="Label maps: balance, enlarge, both, or own (the images' own labels)."),
-    patch: int = typer.Option(256, "--patch", help="Patch size of the grid (spec 5: 256)."),
-    stride: int = typer.Option(76, "--stride", help="Grid stride (spec 5: 76)."),
-    steps: int = STEPS_OPTION,
-    start_fraction: str = START_FRACTION_OPTION,
-    guidance_scale: float = GUIDANCE_SCALE_OPTION,
-    eta: float = ETA_OPTION,
-    solver: str = SOLVER_OPTION,
-    passes: Optional[int] = PASSES_OPTION,
-    spacing: Optional[str] = SPACING_OPTION,
-    batch_size: int = typer.Option(8, "--batch-size", help="Patches per sampler call."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the label maps and of every patch's noise."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
-    scheme: Optional[str] = typer.Option(None, "--scheme", help="Class scheme of raw labels (consep, glysac, pannuke, YAML)."),
-    max_patches: Optional[int] = typer.Option(None, "--max-patches", help="Patches per map kind, spread over the grid (default: all)."),
-    weights: str = typer.Option("auto", "--weights", help="Checkpoint weights: auto (EMA if present), ema or model."),
-    balance: Optional[str] = typer.Option(None, "--balance", help='Balancing parameters (BalanceParams fields) as JSON, e.g. \'{"fraction": 0.8, "border": 30}\'.'),
-    enlarge: Optional[str] = typer.Option(None, "--enlarge", help='Extra enlarge_dataset arguments as JSON, e.g. \'{"no_overlap": true}\'.'),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the run summary as JSON here."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-) -> None:
-    """Re-synthesise grid patches under balancing/enlarging label maps (DiffMix); resumable, torchrun-aware."""
-    from diffmix.data.io import read_dataset
-    from diffmix.distributed import cleanup, is_main
-    from diffmix.runs import check_output_file, write_json
-    from diffmix.synth.run import synthesize
-
-    from diffmix.sdm.convert import check_weights
-
-    check_weights(weights)
-    sampler = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
-    if json_out is not None:
-        check_output_file(json_out)
-    ds = read_dataset(dataset, scheme)
-    try:
-        report = synthesize(
-            ds, ckpt, out, maps=maps, patch=patch, stride=stride, sampler=sampler,
-            batch_size=batch_size, seed=seed, device=device, max_patches=max_patches,
-            progress=not quiet, balance_kwargs=_json_option(balance, "--balance"),
-            enlarge_kwargs=_json_option(enlarge, "--enlarge"), weights=weights,  # type: ignore[arg-type]
-        )
-        if is_main():
-            typer.echo(f"nuclei per class in the {report.n_patches} grid patches (original labels -> custom maps):")
-            typer.echo(report.counts_table(ds.scheme))
-            typer.echo(
-                f"{report.n_written} patches written, {report.n_skipped} already done, "
-                f"{report.patches_per_second:.3f} patches/s over {report.seconds:.1f} s "
-                f"({report.world_size} process(es)) -> {report.out}"
-            )
-            if json_out is not None:
-                write_json(json_out, report.to_json())
-    finally:
-        cleanup()
-
-
-def register_synthesize(app: typer.Typer) -> None:
-    """`diffmix synthesize DATASET CKPT OUT --maps balance|enlarge|both`."""
-    app.command("synthesize")(synthesize_cmd)
-
-
-# --------------------------------------------------------------------------- fidelity
 
 
 def fidelity_cmd(
@@ -132,14 +41,6 @@ def fidelity_cmd(
     if json_out is not None:
         write_json(json_out, {**result, "f1": {str(k): v for k, v in result["f1"].items()}})
         typer.echo(f"wrote {json_out}")
-
-
-def register_fidelity(app: typer.Typer) -> None:
-    """`diffmix fidelity SYNTH --segmenter CKPT [--json OUT]`."""
-    app.command("fidelity")(fidelity_cmd)
-
-
-# --------------------------------------------------------------------------- utility
 
 
 def _seed_list(text: str) -> list[int]:
@@ -190,7 +91,7 @@ def utility_cmd(
             raise ConfigError(f"two synthetic sets are named {label!r}; give folders with distinct names")
         sets[label] = read_dataset(folder, scheme)
     if folds:
-        from diffmix.pipeline.experiment import validation_split
+        from diffmix.pipeline.experiment import validation_split  # only --folds pays for the experiment
 
         train_ds, test_ds, sets = validation_split(real, sets, folds, fold)
     else:
@@ -203,13 +104,46 @@ def utility_cmd(
         typer.echo(f"wrote {json_out}")
 
 
-def register_utility(app: typer.Typer) -> None:
-    """`diffmix utility [SYNTH ...] --train DATASET --test DATASET`."""
-    app.command("utility")(utility_cmd)
+def experiment_cmd(
+    config: str = typer.Argument(..., help="Experiment YAML, or a preset: demo, paper-consep, paper-glysac."),
+    out: Path = typer.Argument(..., help="Run folder; re-running on it does only what is missing."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """The paper's five arms (baseline, GradMix, DiffMix-B, DiffMix-E, DiffMix) over k folds -> report."""
+    from diffmix.pipeline.experiment import load_experiment_config, run_experiment
+    from diffmix.pipeline.report import rare_class_summary
+
+    t0 = time.perf_counter()
+    results, paths = run_experiment(load_experiment_config(config), out, device=device, progress=not quiet)
+    typer.echo("\n".join(rare_class_summary(results)))
+    typer.echo(f"report: {paths['html']} ({time.perf_counter() - t0:.0f} s)")
+
+
+def demo_cmd(
+    out: Path = typer.Option(Path("demo_run"), help="Run folder (re-running resumes)."),
+    data: Optional[Path] = typer.Option(None, help="Run on this dataset folder instead of the toy data."),
+    scheme: Optional[str] = typer.Option(None, help="Class scheme of --data (consep, glysac, pannuke, YAML)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda ... (default: cuda if available)."),
+    seed: int = typer.Option(0, help="Seed of every stage."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Toy data -> cpu-tiny SDM -> maps -> synthesis -> five arms -> report, on a laptop CPU."""
+    from diffmix.pipeline.experiment import TOY_CAVEAT, run_demo
+    from diffmix.pipeline.report import rare_class_summary
+
+    t0 = time.perf_counter()
+    results, paths = run_demo(out, data=data, scheme=scheme, device=device, seed=seed, progress=not quiet)
+    typer.echo("")
+    typer.echo("\n".join(rare_class_summary(results)))
+    if data is None:
+        typer.echo(TOY_CAVEAT)
+    typer.echo(f"report: {paths['html'].resolve()} ({time.perf_counter() - t0:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the main `diffmix` app."""
-    register_synthesize(app)
-    register_fidelity(app)
-    register_utility(app)
+    """Attach `fidelity`, `utility`, `experiment` and `demo` to `app` (in the order `--help` lists them)."""
+    app.command("fidelity")(fidelity_cmd)
+    app.command("utility")(utility_cmd)
+    app.command("experiment")(experiment_cmd)
+    app.command("demo")(demo_cmd)

@@ -1,4 +1,10 @@
-"""Commands of the `sdm` area: train an SDM, synthesise under label maps, import official weights."""
+"""Commands of the `sdm` area: train an SDM, synthesise under label maps, import official weights.
+
+The sampler options live here, beside `sdm sample`, and `diffmix synthesize` (`diffmix.synth.cli`)
+uses the same ones. CLI convention: top-level `<name>_cmd` functions, `register(app)` only
+attaches them, library modules imported inside the command bodies (see `diffmix.data.cli` and
+docs/architecture.md).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,6 @@ import typer
 
 from diffmix.sdm.settings import DEFAULTS, SOLVERS, SamplerSettings, fraction_text
 
-sdm_app = typer.Typer(
-    name="sdm",
-    help="Semantic diffusion model: train (two phases, resumable, DDP), DiffMix sampling, checkpoint import.",
-    no_args_is_help=True,
-)
-
-
-@sdm_app.command("train")
 def train_cmd(
     dataset: Path = typer.Argument(..., help="Dataset folder (Images/ + Labels/) of full training images."),
     out: Path = typer.Argument(..., help="Run folder; re-running on it resumes from its last checkpoint."),
@@ -89,7 +87,6 @@ def sampler_settings(steps: int, start_fraction: str, guidance_scale: float, eta
                            solver=solver, passes=passes, spacing=spacing)
 
 
-@sdm_app.command("sample")
 def sample_cmd(
     ckpt: Path = typer.Argument(..., help="A `sdm train` checkpoint or an imported official checkpoint."),
     maps: Path = typer.Option(..., "--maps", help="Dataset folder: images are the y0 patches, labels the maps to follow."),
@@ -134,7 +131,6 @@ def sample_cmd(
         cleanup()
 
 
-@sdm_app.command("import")
 def import_cmd(
     src: Path = typer.Argument(..., help="Official SDM/DiffMix checkpoint (.pt), read with weights_only=True."),
     dst: Path = typer.Argument(..., help="Output .safetensors file."),
@@ -155,5 +151,13 @@ def import_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the main `diffmix` app."""
+    """Attach the `sdm` group (train, sample, import) to `app`."""
+    sdm_app = typer.Typer(
+        name="sdm",
+        help="Semantic diffusion model: train (two phases, resumable, DDP), DiffMix sampling, checkpoint import.",
+        no_args_is_help=True,
+    )
+    sdm_app.command("train")(train_cmd)
+    sdm_app.command("sample")(sample_cmd)
+    sdm_app.command("import")(import_cmd)
     app.add_typer(sdm_app, name="sdm")
