@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Optional
 
 import typer
 
+from diffmix._cli import add_group
+
 if TYPE_CHECKING:
     from diffmix.data.io import Dataset
 
@@ -127,9 +129,5 @@ def register(app: typer.Typer) -> None:
     """Attach `inspect`, `toy-data` and the `export` / `import` groups (GeoJSON) to `app`."""
     app.command("inspect")(inspect_cmd)
     app.command("toy-data")(toy_data_cmd)
-    export_app = typer.Typer(help="Write diffmix labels in other tools' formats.", no_args_is_help=True)
-    export_app.command("geojson")(export_geojson_cmd)
-    app.add_typer(export_app, name="export")
-    import_app = typer.Typer(help="Read other tools' annotations into a dataset folder.", no_args_is_help=True)
-    import_app.command("geojson")(import_geojson_cmd)
-    app.add_typer(import_app, name="import")
+    add_group(app, "export", "Write diffmix labels in other tools' formats.", {"geojson": export_geojson_cmd})
+    add_group(app, "import", "Read other tools' annotations into a dataset folder.", {"geojson": import_geojson_cmd})

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from diffmix._cli import add_group
 from diffmix.errors import ConfigError
 from diffmix.maps.params import BalanceParams
 
@@ -229,12 +230,6 @@ def _summary(what: str, path: Path, scheme: ClassScheme, report: Any) -> str:
 
 def register(app: typer.Typer) -> None:
     """Attach the `maps` group (balance, enlarge) and the top-level `gradmix` to `app`."""
-    maps_app = typer.Typer(
-        name="maps",
-        help="Custom label maps for DiffMix: balancing (GradMix labels) and enlarging (shifted nuclei).",
-        no_args_is_help=True,
-    )
-    maps_app.command("balance")(balance_cmd)
-    maps_app.command("enlarge")(enlarge_cmd)
-    app.add_typer(maps_app, name="maps")
+    add_group(app, "maps", "Custom label maps for DiffMix: balancing (GradMix labels) and enlarging (shifted nuclei).",
+              {"balance": balance_cmd, "enlarge": enlarge_cmd})
     app.command("gradmix")(gradmix_cmd)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import typer
 
+from diffmix._cli import add_group
 from diffmix.sdm.settings import DEFAULTS, SOLVERS, SamplerSettings, fraction_text
 
 def train_cmd(
@@ -152,12 +153,5 @@ def import_cmd(
 
 def register(app: typer.Typer) -> None:
     """Attach the `sdm` group (train, sample, import) to `app`."""
-    sdm_app = typer.Typer(
-        name="sdm",
-        help="Semantic diffusion model: train (two phases, resumable, DDP), DiffMix sampling, checkpoint import.",
-        no_args_is_help=True,
-    )
-    sdm_app.command("train")(train_cmd)
-    sdm_app.command("sample")(sample_cmd)
-    sdm_app.command("import")(import_cmd)
-    app.add_typer(sdm_app, name="sdm")
+    add_group(app, "sdm", "Semantic diffusion model: train (two phases, resumable, DDP), DiffMix sampling, "
+              "checkpoint import.", {"train": train_cmd, "sample": sample_cmd, "import": import_cmd})

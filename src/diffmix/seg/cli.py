@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 
 import typer
 
+from diffmix._cli import add_group
 from diffmix.errors import ConfigError
 
 _COUNT = re.compile(r"^(?P<path>.+)@(?P<count>\d+)$")
@@ -129,10 +130,5 @@ def infer_cmd(
 
 def register(app: typer.Typer) -> None:
     """Attach the `seg` group (train, infer) to `app`."""
-    seg_app = typer.Typer(
-        help="Downstream nuclei segmentation + classification (HoVer-Net, SONNET, small HoVer-style net).",
-        no_args_is_help=True,
-    )
-    seg_app.command("train")(train_cmd)
-    seg_app.command("infer")(infer_cmd)
-    app.add_typer(seg_app, name="seg")
+    add_group(app, "seg", "Downstream nuclei segmentation + classification (HoVer-Net, SONNET, small HoVer-style net).",
+              {"train": train_cmd, "infer": infer_cmd})
