@@ -281,6 +281,8 @@ CASES = [
     Case("inspect-scheme-typo", "inspect {toy} --scheme {scheme_typo}", ("scheme_typo.yaml", "unknown key(s) ['mrege']"), out=""),
     Case("inspect-scheme-bad-yaml", "inspect {toy} --scheme {root}/bad.yaml", ("bad.yaml", "line 3"), out=""),
     Case("evaluate-unknown-class", "evaluate --pred {toy}/Labels --true {toy} --classes 1,9", ("--classes", "[9]"), out=""),
+    Case("evaluate-unknown-class-labels-folder", "evaluate --pred {toy}/Labels --true {toy}/Labels --classes 1,9",
+         ("--classes", "[9]", "dataset.json"), out=""),
     Case("evaluate-nan-centroid", "evaluate --pred {nan_pred} --true {nan_true}", ("img_a.mat", "NaN"), out=""),
     Case("experiment-missing-config", "experiment {root}/nope.yaml {out} --quiet", ("nope",)),
     Case("experiment-missing-train", "experiment {exp_missing_train} {out} --quiet", ("no_such_dataset",)),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +163,28 @@ def test_missing_pair_lists_names(tmp_path: Path) -> None:
     write_mat_labels(root / "Labels" / "z.mat", make_sample().inst_map, make_sample().type_map)
     with pytest.raises(PairingError, match="labels without images: z"):
         read_dataset(root)
+
+
+def test_folder_of_mat_labels_alone_is_unpaired_not_a_crash(tmp_path: Path) -> None:
+    # a flat folder of .mat labels without images was taken for HoVer-Net .npy patches and
+    # ended in an AssertionError (a traceback from `diffmix inspect`)
+    s = make_sample("a")
+    write_mat_labels(tmp_path / "a.mat", s.inst_map, s.type_map)
+    with pytest.raises(PairingError, match="labels without images: a"):
+        read_dataset(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "diffmix", "inspect", str(tmp_path)], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: {tmp_path}: labels without images: a"
+
+
+def test_npy_labels_without_their_image_name_the_file(tmp_path: Path) -> None:
+    s = make_sample("a")
+    np.save(tmp_path / "a.npy", np.stack([s.inst_map, s.type_map]))  # 2xHxW: labels only
+    with pytest.raises(DataError, match=r"a\.npy: holds labels only and no image"):
+        read_dataset(tmp_path)
+    ds, problems = scan_dataset(tmp_path)
+    assert len(ds) == 0 and len(problems) == 1 and "a.npy: holds labels only" in problems[0]
 
 
 def test_shape_mismatch_names_file(tmp_path: Path) -> None:

@@ -288,7 +288,8 @@ def _pair_files(root: Path) -> tuple[list[tuple[str, Path | None, Path]], str]:
         raise PairingError(f"{root}: several files share a name: {format_names(dupes[0] + dupes[1])}")
     images = {n: paths[0] for n, paths in image_groups.items()}
     labels = {n: paths[0] for n, paths in label_groups.items()}
-    if layout == "flat" and not images and labels:  # HoVer-Net HxWx5 patches carry their image
+    if layout == "flat" and not images and labels and all(p.suffix == ".npy" for p in labels.values()):
+        # HoVer-Net HxWx5 patches carry their image (.mat labels never do: they are unpaired)
         return [(n, None, labels[n]) for n in sorted(labels)], "hovernet-npy"
     lonely_images = sorted(set(images) - set(labels))
     lonely_labels = sorted(set(labels) - set(images))
@@ -368,7 +369,9 @@ def _load_pair(
     """(image, inst_map, raw type_map) of one pair; errors name the offending file."""
     inst, types, embedded = read_label_maps(label_path)
     image = read_image(image_path) if image_path is not None else embedded
-    assert image is not None
+    if image is None:
+        raise DataError(f"{label_path}: holds labels only and no image is beside it "
+                        "(a folder without images takes HoVer-Net HxWx5 .npy patches)")
     if image.shape[:2] != inst.shape:
         raise DataError(
             f"{label_path}: label size {inst.shape} does not match image "

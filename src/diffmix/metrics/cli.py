@@ -30,13 +30,14 @@ def _check_classes_known(class_ids: list[int], true: Path) -> None:
     A class with no nucleus on either side scores F1 = 1.0 (metrics/classification.py), so a
     mistyped id would otherwise print a perfect score for a class that does not exist.
     """
-    from diffmix.data.labels import read_dataset_json
+    from diffmix.data.labels import find_dataset_json
     from diffmix.data.schemes import ClassScheme
 
-    meta = read_dataset_json(true) if Path(true).is_dir() else None
+    # the dataset root's dataset.json also governs `--true DATASET/Labels` (as evaluation's merge does)
+    meta, root = find_dataset_json(Path(true)) if Path(true).is_dir() else (None, Path(true))
     if meta is None:
         return
-    scheme = ClassScheme.from_json(meta["scheme"], where=f"{true}/dataset.json")
+    scheme = ClassScheme.from_json(meta["scheme"], where=f"{root}/dataset.json")
     # --classes merges nothing: the ids are those the label files hold, merged or raw
     known = sorted(scheme.classes) if meta.get("merged", False) else sorted(scheme.raw_to_merged)
     unknown = [c for c in class_ids if c not in known]
@@ -44,7 +45,7 @@ def _check_classes_known(class_ids: list[int], true: Path) -> None:
         state = "merged" if meta.get("merged", False) else "raw"
         raise ConfigError(
             f"--classes: class id(s) {unknown} are not in the ground truth's {state} classes {known} "
-            f"(scheme {scheme.name!r}, {true}/dataset.json)"
+            f"(scheme {scheme.name!r}, {root}/dataset.json)"
         )
 
 
