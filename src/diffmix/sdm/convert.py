@@ -30,7 +30,7 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from diffmix.checkpoints import checkpoint_meta, file_sha256, load_checkpoint, save_checkpoint
+from diffmix.checkpoints import checkpoint_meta, file_sha256, load_checkpoint, save_checkpoint, state_dict_mismatch
 from diffmix.errors import CheckpointError, ConfigError
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.unet import UNetConfig, UNetModel, build_unet
@@ -220,23 +220,9 @@ def infer_config(
 def check_state_dict(state: Mapping[str, Tensor], config: UNetConfig, source: str = "checkpoint") -> None:
     """Strict fit of `state` to `UNetModel(config)`: same names, same shapes, else CheckpointError
     listing the missing, unexpected and mis-shaped names (a few of each)."""
-    expected = {k: tuple(v.shape) for k, v in build_unet(config, "meta").state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != expected[k]
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing {missing[:_MAX_LISTED]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected {unexpected[:_MAX_LISTED]}")
-    if wrong:
-        problems.append(f"{len(wrong)} with a wrong shape {wrong[:_MAX_LISTED]}")
-    if problems:
-        raise CheckpointError(f"{source}: does not fit the SDM U-Net it describes: " + "; ".join(problems))
+    problem = state_dict_mismatch(build_unet(config, "meta").state_dict(), state, listed=_MAX_LISTED)
+    if problem:
+        raise CheckpointError(f"{source}: does not fit the SDM U-Net it describes: {problem}")
 
 
 def import_checkpoint(
