@@ -222,7 +222,7 @@ def smoke_case(work: Path) -> dict[str, Any]:
     from diffmix.data.io import write_dataset
     from diffmix.data.schemes import CONSEP
     from diffmix.data.toy import generate_toy_samples
-    from diffmix.runs import save_checkpoint
+    from diffmix.checkpoints import save_checkpoint
     from diffmix.sdm.unet import UNetConfig, build_unet
 
     data = work / "toy"

@@ -165,12 +165,3 @@ def test_lazy_package_exports_still_resolve():
         assert "no_such_name" in str(exc)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
-
-
-def test_runs_keeps_the_checkpoint_names_lazily():
-    """Checkpoint I/O lives in diffmix.checkpoints; `from diffmix.runs import save_checkpoint`
-    (scripts written before the split) still works, and importing runs alone loads no torch."""
-    res = _run("import sys, diffmix.runs as r; assert 'torch' not in sys.modules; "
-               "from diffmix.runs import save_checkpoint; from diffmix.checkpoints import save_checkpoint as s; "
-               "assert save_checkpoint is s; print('ok')")
-    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr

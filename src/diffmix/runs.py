@@ -22,17 +22,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import yaml
 
-from diffmix._lazy import lazy_exports
 from diffmix.errors import OutputError, RunFolderError, describe_yaml_error
-
-#: Checkpoint I/O moved to `diffmix.checkpoints`; these names still resolve from here (PEP 562,
-#: on first use, so importing this module stays torch-free) for scripts written before the
-#: split, e.g. benchmarks/solvers.py. diffmix itself imports them from `diffmix.checkpoints`.
-__getattr__ = lazy_exports(__name__, {name: "diffmix.checkpoints" for name in (
-    "save_checkpoint", "load_checkpoint", "load_state_strict", "state_dict_mismatch", "checkpoint_meta",
-    "file_sha256", "rng_state", "set_rng_state", "generator_state", "set_generator_state", "latest_checkpoint",
-)})
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
