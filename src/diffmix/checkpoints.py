@@ -248,15 +248,6 @@ def _np_state_from_json(obj: list) -> tuple:
     return (obj[0], np.asarray(obj[1], dtype=np.uint32), obj[2], obj[3], obj[4])
 
 
-def generator_state(gen: np.random.Generator) -> str:
-    """A numpy Generator's state as a JSON string (for checkpoint metadata)."""
-    return json.dumps(gen.bit_generator.state, default=json_default)
-
-
-def set_generator_state(gen: np.random.Generator, state: str) -> None:
-    gen.bit_generator.state = json.loads(state)
-
-
 def latest_checkpoint(folder: str | Path, pattern: str = "ckpt_*.safetensors") -> Path | None:
     """The checkpoint with the highest step number in `folder` (names end in _<step>)."""
     best: tuple[int, Path] | None = None
