@@ -22,7 +22,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import yaml
 
-from diffmix.errors import OutputError, RunFolderError, describe_yaml_error
+from diffmix.errors import DataError, OutputError, RunFolderError, describe_yaml_error
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -121,6 +121,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> Any | None:
+    """A JSON file's content, or None when the file does not exist; a DataError naming the file
+    and `what` it should hold when it cannot be read or parsed."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable {what} ({exc})") from None
 
 
 def json_default(obj: Any) -> Any:

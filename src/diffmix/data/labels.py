@@ -22,7 +22,6 @@ way whether raw classes still need merging, and say the same thing when a file i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +30,7 @@ import scipy.io
 
 from diffmix.data.schemes import ClassScheme
 from diffmix.errors import ClassSchemeError, DataError, PairingError
+from diffmix.runs import read_json
 
 LABEL_SUFFIXES = (".mat", ".npy")
 DATASET_JSON = "dataset.json"
@@ -132,12 +132,9 @@ def label_files(folder: str | Path) -> dict[str, Path]:
 def read_dataset_json(root: str | Path) -> dict[str, Any] | None:
     """The `dataset.json` of `root` (class scheme, `merged`, provenance), or None when absent."""
     path = Path(root) / DATASET_JSON
-    if not path.exists():
+    meta = read_json(path, "dataset description")
+    if meta is None:
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable dataset description ({exc})") from None
     if not isinstance(meta, dict) or "scheme" not in meta:
         raise DataError(f"{path}: not a diffmix dataset description (no 'scheme')")
     return meta

@@ -21,7 +21,7 @@ import numpy as np
 from diffmix.data.io import Dataset
 from diffmix.data.patches import split_patch_name
 from diffmix.errors import DataError
-from diffmix.runs import atomic_write_text, write_json
+from diffmix.runs import atomic_write_text, read_json, write_json
 from diffmix.synth.jobs import MAP_KINDS, OWN, PatchJob
 
 MANIFEST = "manifest.json"
@@ -96,12 +96,9 @@ def write_record(out: Path, record: Mapping[str, Any]) -> None:
 def read_manifest(out: str | Path) -> dict[str, Any] | None:
     """The `manifest.json` of a synthetic dataset folder, or None when there is none yet."""
     path = Path(out) / MANIFEST
-    if not path.exists():
+    manifest = read_json(path, "manifest")
+    if manifest is None:
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a diffmix synthesis manifest")
     return manifest
