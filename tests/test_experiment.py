@@ -386,8 +386,8 @@ def test_balance_settings_validate_into_balance_params_and_reach_gradmix_whole(t
     from diffmix.maps.balance import BalanceParams, balance_dataset
     from diffmix.pipeline.experiment import Experiment
 
-    for balance, message in [({"fractoin": 0.5}, r"synthesis.balance: Value error, unknown name\(s\) \['fractoin'\]"),
-                             ({"border": -2}, "synthesis.balance: Value error, border must be >= 0 px, got -2")]:
+    for balance, message in [({"fractoin": 0.5}, r"synthesis.balance: unknown name\(s\) \['fractoin'\]"),
+                             ({"border": -2}, "synthesis.balance: border must be >= 0 px, got -2")]:
         with pytest.raises(ConfigError, match=message):
             build_config(ExperimentConfig, "experiment", None, {**MICRO, "synthesis": {**MICRO["synthesis"], "balance": balance}})
     balance = {"area_ratio": 1.0, "seed": 3, "border": 8, "minor_class": 1}

@@ -74,7 +74,7 @@ def test_sample_honours_a_checkpoint_trained_with_fewer_diffusion_steps(maps, tm
     ckpt = _checkpoint(tmp_path / "t50.safetensors", diffusion_steps=50)
     seen = _seen_timesteps(monkeypatch)
     main(["sdm", "sample", str(ckpt), "--maps", str(maps), "--out", str(tmp_path / "out"), "--steps", "10",
-          "--no-progress", "--device", "cpu"])
+          "--solver", "ddim", "--no-progress", "--device", "cpu"])
     assert sorted(set(seen), reverse=True) == [20, 15, 10, 5, 0]
     assert len(read_dataset(tmp_path / "out")) == 2
 
@@ -84,7 +84,7 @@ def test_sample_of_an_imported_checkpoint_uses_the_official_schedule(maps, tmp_p
     ckpt = _checkpoint(tmp_path / "imported.safetensors", diffusion_steps=None)
     seen = _seen_timesteps(monkeypatch)
     main(["sdm", "sample", str(ckpt), "--maps", str(maps), "--out", str(tmp_path / "out"), "--steps", "10",
-          "--no-progress", "--device", "cpu"])
+          "--solver", "ddim", "--no-progress", "--device", "cpu"])
     assert sorted(set(seen), reverse=True) == [400, 300, 200, 100, 0]
 
 

@@ -12,7 +12,7 @@ import torch
 from diffmix.errors import ConfigError
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample, start_index, to_uint8
-from diffmix.sdm.settings import SamplerSettings
+from diffmix.sdm.settings import OFFICIAL, SamplerSettings
 
 DIFF = GaussianDiffusion.linear()
 
@@ -72,7 +72,7 @@ def test_batched_cfg_calls_and_start_noise():
         calls.append((x.clone(), t.clone(), y.clone()))
         return torch.zeros(x.shape[0], 6, 8, 8)
 
-    diffmix_sample(model, y0, cond, noise=noise)
+    diffmix_sample(model, y0, cond, OFFICIAL, noise=noise)
     assert len(calls) == 55  # spec 4: 55 steps, each ONE forward of the cond and null batches
     assert [c[1][0].item() for c in calls] == list(range(540, -1, -10))
     x, t, y = calls[0]
@@ -81,6 +81,9 @@ def test_batched_cfg_calls_and_start_noise():
     a = DIFF.alphas_cumprod[540]
     assert torch.allclose(x[:b], math.sqrt(a) * y0 + math.sqrt(1 - a) * noise, atol=1e-6)
     assert torch.equal(x[:b], x[b:])
+    calls.clear()
+    diffmix_sample(model, y0, cond, noise=noise)  # the default: UniPC, 5 passes from the same start
+    assert len(calls) == 5 and calls[0][1][0].item() == 540 and calls[-1][1][0].item() == 0
 
     calls.clear()
     diffmix_sample(model, y0, cond, SamplerSettings(guidance_scale=1.0), noise=noise)

@@ -9,7 +9,8 @@ from fractions import Fraction
 import pytest
 
 from diffmix.errors import ConfigError
-from diffmix.sdm.settings import DEFAULTS, SamplerSettings, fraction_text, parse_fraction, start_index
+from diffmix.sdm.settings import (DEFAULTS, OFFICIAL, SamplerSettings, default_passes, fraction_text, parse_fraction,
+                                  sampler_settings, start_index)
 
 
 def test_parse_fraction_is_exact():
@@ -42,15 +43,34 @@ def test_start_index_integer_arithmetic():
         start_index(10, "1.5")
 
 
-def test_defaults_are_the_official_run():
+def test_field_defaults_are_the_official_run():
+    """What a manifest or config without a solver key recorded: spec 4's DDIM run."""
     s = SamplerSettings()
-    assert s == DEFAULTS
+    assert s == OFFICIAL
     assert (s.steps, s.start_fraction, s.guidance_scale, s.eta, s.solver, s.passes) == (
         100, Fraction(11, 20), 1.5, 0.0, "ddim", None)
     assert s.start_index == 54 and s.num_passes == 55
     # the manifest form: exactly the keys and value types the manifests have always had
     assert s.to_json() == {"steps": 100, "start_fraction": "0.55", "guidance_scale": 1.5, "eta": 0.0}
     assert [type(v) for v in s.to_json().values()] == [int, str, float, float]
+
+
+def test_the_default_is_unipc_with_five_passes_from_the_official_start():
+    """docs/solvers.md: the 192-patch curve's choice; the start time and guidance stay spec 4's."""
+    assert DEFAULTS == SamplerSettings(solver="unipc", passes=5, spacing="logsnr") == sampler_settings()
+    assert (DEFAULTS.start_index, DEFAULTS.num_passes, DEFAULTS.guidance_scale) == (54, 5, 1.5)
+    assert DEFAULTS.to_json() == {"steps": 100, "start_fraction": "0.55", "guidance_scale": 1.5, "eta": 0.0,
+                                  "solver": "unipc", "passes": 5, "spacing": "logsnr"}
+    # naming a solver alone gives its own default budget: `ddim` alone is the official run
+    assert sampler_settings("ddim") == OFFICIAL and OFFICIAL.num_passes == 55
+    assert sampler_settings("dpmpp-2m").passes == 10
+    assert sampler_settings("unipc", 8).passes == 8 and sampler_settings("ddim", 5).passes == 5
+    assert default_passes("ddim") is None and default_passes("unipc") == 5
+    # never more than the respaced steps from the start: 10 steps from 55% have 5, 4 steps 2
+    assert default_passes("unipc", 10) == 5 and default_passes("dpmpp-2m", 10) == 5 and default_passes("unipc", 4) == 2
+    assert sampler_settings(steps=2, start_fraction="0.5").passes == 1
+    with pytest.raises(ConfigError, match="solver must be one of"):
+        sampler_settings("euler")
 
 
 def test_parsed_once_frozen_and_equal_by_value():
@@ -102,26 +122,37 @@ def test_every_default_comes_from_the_settings():
     from diffmix.synth.cli import synthesize_cmd
     from diffmix.pipeline.experiment import SynthStage
     from diffmix.sdm.cli import sample_cmd
+    from diffmix.sdm.cli import sampler_settings as cli_settings
     from diffmix.sdm.train import SDMTrainConfig
 
     for cmd in (synthesize_cmd, sample_cmd):
         opts = {name: p.default.default for name, p in inspect.signature(cmd).parameters.items()}
-        got = SamplerSettings(steps=opts["steps"], start_fraction=opts["start_fraction"],
-                              guidance_scale=opts["guidance_scale"], eta=opts["eta"], solver=opts["solver"],
-                              passes=opts["passes"])
+        got = cli_settings(opts["steps"], opts["start_fraction"], opts["guidance_scale"], opts["eta"],
+                           opts["solver"], opts["passes"], opts["spacing"])
         assert got == DEFAULTS, cmd.__name__
     assert SynthStage().sampler() == DEFAULTS
-    assert SDMTrainConfig().sampler == dataclasses.replace(DEFAULTS)
+    assert SDMTrainConfig().sampler == OFFICIAL  # previews: the official sampler, the reference
 
 
-def test_experiment_config_names_the_solver_only_when_set():
-    """config.yaml is a run's identity: experiments made before solvers existed keep theirs."""
+def test_experiment_config_names_the_solver_unless_it_is_ddim():
+    """config.yaml is a run's identity: experiments made before solvers existed (DDIM, every
+    step) keep theirs with `solver: ddim`; another solver's budget is written resolved, so a
+    folder made when `solver: unipc` meant every step does not resume as a 5-pass run."""
     from diffmix.pipeline.experiment import SynthStage
 
-    assert not {"solver", "passes", "spacing"} & set(SynthStage().model_dump(mode="json"))
+    assert not {"solver", "passes", "spacing"} & set(SynthStage(solver="ddim").model_dump(mode="json"))
+    assert SynthStage(solver="ddim").sampler() == OFFICIAL
+    default = SynthStage().model_dump(mode="json")
+    assert (default["solver"], default["passes"]) == ("unipc", 5) and "spacing" not in default
+    assert SynthStage().sampler() == SynthStage(solver="unipc", passes=5).sampler() == DEFAULTS
+    assert SynthStage(solver="unipc", passes=5).model_dump(mode="json") == default
     few = SynthStage(solver="unipc", passes=8)
     dumped = few.model_dump(mode="json")
     assert (dumped["solver"], dumped["passes"]) == ("unipc", 8) and "spacing" not in dumped
     assert few.sampler() == SamplerSettings(solver="unipc", passes=8, spacing="logsnr")
-    with pytest.raises(ConfigError, match="deterministic"):
-        SynthStage(solver="unipc", eta=0.3).sampler()
+    # a bad combination is refused when the config loads, with its place
+    from diffmix.pipeline.experiment import load_experiment_config
+    with pytest.raises(ConfigError, match="synthesis: eta > 0 is DDIM's; the unipc solver is deterministic"):
+        load_experiment_config("demo", {"synthesis": {"solver": "unipc", "eta": 0.3}})
+    # the default budget never exceeds the respaced steps from the start (4 steps from 55%: 2)
+    assert SynthStage(steps=4).sampler().passes == 2 and SynthStage(steps=4).model_dump()["passes"] == 2

@@ -332,8 +332,10 @@ def test_sample_command_writes_dataset_with_the_maps(toy, tmp_path, one_thread):
     assert provenance["generator"] == "diffmix sdm sample" and provenance["maps"] == ["own"]
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert [r["name"] for r in manifest["patches"]] == data.names
+    # the default sampler (UniPC, 5 passes) is written out in full
     assert manifest["patches"][0]["sampler"] == {"steps": 10, "start_fraction": "0.55", "guidance_scale": 1.5,
-                                                 "eta": 0.0, "weights": "auto"}
+                                                 "eta": 0.0, "solver": "unipc", "passes": 5, "spacing": "logsnr",
+                                                 "weights": "auto"}
     # the raw weights give a different (but equally labelled) dataset
     main(args + ["--out", str(tmp_path / "raw"), "--weights", "model"])
     raw = read_dataset(tmp_path / "raw")

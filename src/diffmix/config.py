@@ -97,8 +97,10 @@ def build_config(
     try:
         return model.model_validate(data)
     except ValidationError as exc:
+        # our validators' messages are whole sentences: pydantic's "Value error, " adds nothing
         problems = "; ".join(
-            f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid {area} config ({source}): {problems}") from None
 

@@ -43,7 +43,7 @@ from diffmix.pipeline.intervals import headline_intervals
 from diffmix.pipeline.report import fold_row, summarise, write_report
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
-from diffmix.sdm.settings import SamplerSettings, fraction_text
+from diffmix.sdm.settings import SamplerSettings, default_passes, fraction_text, sampler_settings
 from diffmix.sdm.train import resolve_train_config, train_sdm
 from diffmix.seeds import fold_rng, held_out_rng, segmenter_seed, utility_seed
 from diffmix.seg.data import Source
@@ -112,7 +112,8 @@ class SynthStage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     patch: int = Field(default=256, ge=8)
     stride: int = Field(default=76, ge=1)
-    # the sampler (defaults: diffmix.sdm.settings.SamplerSettings, spec 4)
+    # the sampler (defaults: diffmix.sdm.settings.DEFAULTS: spec 4's start and guidance, UniPC
+    # with its default passes; `solver: ddim` alone is the official 55-step run)
     steps: int = Field(default=SAMPLER.steps, ge=1)
     start_fraction: str = fraction_text(SAMPLER.start_fraction)
     guidance_scale: float = SAMPLER.guidance_scale
@@ -129,6 +130,14 @@ class SynthStage(BaseModel):
     balance: dict[str, Any] = Field(default_factory=dict)
     enlarge: dict[str, Any] = Field(default_factory=dict)  # extra enlarge_dataset arguments
 
+    @model_validator(mode="after")
+    def _sampler_settings(self) -> "SynthStage":
+        try:
+            self.sampler()  # a bad combination is refused when the config loads, with its place
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
     @field_validator("balance")
     @classmethod
     def _balance_params(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -140,8 +149,8 @@ class SynthStage(BaseModel):
 
     def sampler(self) -> SamplerSettings:
         """These settings as the sampler takes them (ConfigError for a bad combination)."""
-        return SamplerSettings(steps=self.steps, start_fraction=self.start_fraction, guidance_scale=self.guidance_scale,
-                               eta=self.eta, solver=self.solver, passes=self.passes, spacing=self.spacing)
+        return sampler_settings(self.solver, self.passes, steps=self.steps, start_fraction=self.start_fraction,
+                                guidance_scale=self.guidance_scale, eta=self.eta, spacing=self.spacing)
 
     def balance_params(self, minor_class: int, seed: int) -> BalanceParams:
         """`balance` as BalanceParams, an unset minor class and seed taken from the scheme and run."""
@@ -149,13 +158,15 @@ class SynthStage(BaseModel):
 
     @model_serializer(mode="wrap")
     def _drop_default_solver(self, handler: Any) -> dict[str, Any]:
-        # config.yaml (the run identity) names solver, passes and spacing only when set, so
-        # experiment folders made before they existed still resume. "ddim" is written out,
-        # not SAMPLER.solver: every folder without the key was made with DDIM, whatever the
-        # default becomes.
+        # config.yaml (the run identity) leaves out `solver: ddim` and unset passes/spacing, so
+        # experiment folders made before solvers existed (all DDIM, every step) still resume.
+        # Another solver's budget is written out resolved: `solver: unipc` meant every step
+        # before it had a default budget, so such a folder must not resume as a 5-pass run.
         data = handler(self)
         if data.get("solver") == "ddim":
             data.pop("solver")
+        elif data.get("passes") is None:
+            data["passes"] = default_passes(self.solver, self.steps, self.start_fraction)
         for name in ("passes", "spacing"):
             if data.get(name) is None:
                 data.pop(name, None)

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import typer
 
 from diffmix._cli import add_group
-from diffmix.sdm.settings import DEFAULTS, SOLVERS, SamplerSettings, fraction_text
+from diffmix.sdm import settings
+from diffmix.sdm.settings import DEFAULT_PASSES, DEFAULTS, SOLVERS, SamplerSettings, fraction_text
 
 def train_cmd(
     dataset: Path = typer.Argument(..., help="Dataset folder (Images/ + Labels/) of full training images."),
@@ -64,7 +65,7 @@ def train_cmd(
 
 
 # Options of the sampler, shared by `sdm sample` and `diffmix synthesize`; their defaults are
-# `SamplerSettings`' (each written once, in diffmix.sdm.settings).
+# `diffmix.sdm.settings.DEFAULTS` (each written once, there).
 STEPS_OPTION: Any = typer.Option(
     DEFAULTS.steps, "--steps", help="Respaced schedule ddim<N> (spec 4: 100); with the start fraction it fixes the start time.")
 START_FRACTION_OPTION: Any = typer.Option(
@@ -74,18 +75,23 @@ GUIDANCE_SCALE_OPTION: Any = typer.Option(
     DEFAULTS.guidance_scale, "--guidance-scale", help="Classifier-free guidance s, code form eps_u + s(eps_c - eps_u) (spec 4: 1.5).")
 ETA_OPTION: Any = typer.Option(DEFAULTS.eta, "--eta", help="DDIM eta (spec 4: 0; DDIM only).")
 SOLVER_OPTION: Any = typer.Option(
-    DEFAULTS.solver, "--solver", help=f"Solver: {', '.join(SOLVERS)} (ddim is the official sampler; docs/solvers.md).")
+    DEFAULTS.solver, "--solver",
+    help=f"Solver: {', '.join(SOLVERS)} (ddim with the default passes is the official 55-step sampler; docs/solvers.md).")
 PASSES_OPTION: Any = typer.Option(
-    None, "--passes", help="Guided network passes from the start time to t = 0 (default: every respaced step, 55).")
+    None, "--passes", show_default=False,
+    help="Guided network passes from the start time to t = 0 (default: "
+         + ", ".join(f"{n if n is not None else 'every respaced step (55)'} for {s}" for s, n in DEFAULT_PASSES.items())
+         + ").")
 SPACING_OPTION: Any = typer.Option(
     None, "--spacing", help="Grid of --passes: time or logsnr (default: time for ddim, logsnr for dpmpp-2m and unipc).")
 
 
 def sampler_settings(steps: int, start_fraction: str, guidance_scale: float, eta: float, solver: str,
                      passes: Optional[int], spacing: Optional[str] = None) -> SamplerSettings:
-    """The `SamplerSettings` of the sampler options (ConfigError, exit 2, for a bad value)."""
-    return SamplerSettings(steps=steps, start_fraction=start_fraction, guidance_scale=guidance_scale, eta=eta,
-                           solver=solver, passes=passes, spacing=spacing)
+    """The `SamplerSettings` of the sampler options, an unset `--passes` being the solver's
+    default budget (ConfigError, exit 2, for a bad value)."""
+    return settings.sampler_settings(solver, passes, steps=steps, start_fraction=start_fraction,
+                                     guidance_scale=guidance_scale, eta=eta, spacing=spacing)
 
 
 def sample_cmd(

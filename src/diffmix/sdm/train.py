@@ -40,8 +40,7 @@ from diffmix.runs import JsonlLog, prepare_run_folder
 from diffmix.sdm.data import noise_generator, preview_batch, training_batch
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.sampler import diffmix_sample, to_uint8
-from diffmix.sdm.settings import DEFAULTS as SAMPLER
-from diffmix.sdm.settings import SamplerSettings, fraction_text
+from diffmix.sdm.settings import OFFICIAL, SamplerSettings, fraction_text
 from diffmix.sdm.unet import UNetConfig, UNetModel
 from diffmix.seeds import preview_noise_seed, sdm_dropout_seed, weights_seed
 
@@ -76,9 +75,9 @@ class SDMTrainConfig(BaseModel):
     keep_checkpoints: int = 2
     sample_every: int = 1000  # 0: no sample grids
     sample_count: int = 4
-    sample_steps: int = SAMPLER.steps  # preview grids: the official sampler's settings by default
-    sample_start_fraction: str = fraction_text(SAMPLER.start_fraction)
-    sample_guidance_scale: float = SAMPLER.guidance_scale
+    sample_steps: int = OFFICIAL.steps  # preview grids: the official DDIM sampler (spec 4), the reference
+    sample_start_fraction: str = fraction_text(OFFICIAL.start_fraction)
+    sample_guidance_scale: float = OFFICIAL.guidance_scale
     seed: int = 0
 
     @model_validator(mode="after")
