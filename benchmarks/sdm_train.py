@@ -29,18 +29,30 @@ the CPU time of this process, which a busy shared machine disturbs far less than
 Parity of the first step at equal weights and batch: loss (relative), gradients and updated
 parameters (max abs difference relative to the largest reference value).
 
-Measured on the shared 2-core machine (AMD EPYC Zen 4, load ~7; small config: 32 channels x
-(1,2,3,4), attention at 16 and 8, 15.7 M parameters, 64-px crops, batch 4, one thread,
-`--repeats 5`), CPU seconds per step, median: ours 2.64 vs reference 2.68 (1.01x); authors'
-flags: ours selective 3.00 vs reference 3.41 (1.14x; 1.23x in an earlier run), ours full 3.40
-(1.00x); bf16 1.55 (1.73x, loss 6.4e-5 off). Parity: loss equal to the last bit, gradients
-3.3e-7, update 1.5e-8, EMA 7e-9. Activations held for backward: 398 MiB unchecked, 197
-selective, 48 full. Why fp32 stays at ~1.0x: the convolutions are 85% of the step (profile) and
-run at 75-90% of one core's fp32 peak in oneDNN on both sides (e.g. 128->64 channels 3x3 at
-64 px: 104 GFLOP/s forward); the official step's extra work on this config (einsum attention,
-attention always recomputed, per-tensor AdamW and norm read-backs, the loss) is ~2% of it.
+The batch's label maps (`--labels`): "nuclei" (default), the maps of built-in toy tiles, the
+kind an SDM trains on; "random", a class per pixel, is timed beside it as the worst case of the
+U-Net's `LabelWindows` (no two 5x5 label windows alike, so SPADE's label convs run over the
+whole map, as they did before the windows).
 
-    python benchmarks/sdm_train.py [--size 64] [--batch 4] [--channels 32] [--repeats 5] [--threads 1]
+Measured on the shared 2-core machine (AMD EPYC Zen 4; small config: 32 channels x (1,2,3,4),
+attention at 16 and 8, 15.7 M parameters, 64-px crops, batch 4, one thread, `--repeats 5`),
+CPU seconds per step, median, 2026-12-01: ours 1.56 vs reference 2.61 (**1.67x**); authors'
+flags: ours selective 1.84 vs reference 3.42 (**1.86x**), ours full 2.07 (1.65x); random labels
+2.59 vs 2.67 (1.03x); bf16 1.12 (2.33x against the fp32 reference, loss 1.0e-4 off). Parity on
+the nuclei batch: loss equal to the last bit, gradients 3.3e-7, update 6e-8, EMA 7e-9.
+Activations held for backward: 483 MiB unchecked (404 with the plain convs: each distinct
+window keeps its hidden vector at 9 positions), 237 selective, 54 full.
+
+Where the time went (profile, before `LabelWindows`): convolutions were 85% of the step, at
+75-90% of one core's fp32 peak in oneDNN on both sides, and SPADE's label convs alone were
+about three quarters of a forward's multiply-adds in this config (FlopCounterMode). They depend
+on the label map only, and a nucleus map repeats its 5x5 windows (4-14% distinct at 64 and
+32 px on CoNSeP crops with nuclei), so the windows path evaluates them once per distinct
+window, equal to float rounding. The official step's other
+extra work (einsum attention, attention always recomputed, per-tensor AdamW and norm
+read-backs, the loss) is ~2% of it.
+
+    python benchmarks/sdm_train.py [--size 64] [--batch 4] [--channels 32] [--repeats 5] [--threads 1] [--labels nuclei|random]
 """
 
 from __future__ import annotations
@@ -60,6 +72,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from diffmix.data.toy import generate_toy_sample
+from diffmix.maps.conditioning import condition_map
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.train import ema_update, make_optimizer, train_step
 from diffmix.sdm.unet import (
@@ -359,14 +373,29 @@ def randomised(config: UNetConfig, seed: int) -> UNetModel:
     return model.train()
 
 
-def batch(b: int, size: int, label_nc: int, seed: int) -> tuple[torch.Tensor, ...]:
+LABELS = ("nuclei", "random")
+
+
+def batch(b: int, size: int, label_nc: int, seed: int, labels: str = "nuclei") -> tuple[torch.Tensor, ...]:
     """x0, t, noise, cond: a random image batch, timesteps (one of them 0: the decoder-NLL
-    branch) and a one-hot + edge label map."""
+    branch) and a one-hot + edge label map: "nuclei", the label maps of built-in toy tiles
+    (`diffmix.data.toy`: nuclei of 4-12 px radius, what an SDM trains on), or "random", a class
+    drawn per pixel and 10% edge pixels (no two label windows alike: the worst case of the
+    U-Net's `LabelWindows`, whose convs then run over the whole map)."""
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.rand(b, 3, size, size, generator=gen) * 2 - 1
     t = torch.randint(0, 1000, (b,), generator=gen)
     t[0] = 0
     noise = torch.randn(x0.shape, generator=gen)
+    if labels == "nuclei":
+        if label_nc < 6:
+            raise SystemExit(f"nuclei labels have 4 classes: label_nc must be >= 6, got {label_nc}")
+        rng = np.random.default_rng(seed)
+        tiles = [generate_toy_sample(size, rng, f"tile{i}") for i in range(b)]
+        cond = torch.from_numpy(np.stack([condition_map(s.inst_map, s.type_map, label_nc - 2) for s in tiles]))
+        return x0, t, noise, cond
+    if labels != "random":
+        raise SystemExit(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
     cls = torch.randint(0, label_nc - 1, (b, size, size), generator=gen)
     edges = (torch.rand(b, 1, size, size, generator=gen) < 0.1).float()
     cond = torch.cat([F.one_hot(cls, label_nc - 1).permute(0, 3, 1, 2).float(), edges], 1)
@@ -374,7 +403,7 @@ def batch(b: int, size: int, label_nc: int, seed: int) -> tuple[torch.Tensor, ..
 
 
 def parity(config: UNetConfig, b: int, seed: int, use_checkpoint: bool | str = False,
-           ours_checkpoint: bool | str | None = None) -> dict:
+           ours_checkpoint: bool | str | None = None, labels: str = "nuclei") -> dict:
     """First step of ours and of the reference from equal weights and batch.
 
     Loss terms (relative difference), gradients (max abs difference over all of them relative to
@@ -387,7 +416,7 @@ def parity(config: UNetConfig, b: int, seed: int, use_checkpoint: bool | str = F
     base = randomised(config, seed)
     ours_model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
     ours_model.set_checkpointing(use_checkpoint if ours_checkpoint is None else ours_checkpoint)
-    x0, t, noise, cond = batch(b, config.image_size, config.label_nc, seed + 1)
+    x0, t, noise, cond = batch(b, config.image_size, config.label_nc, seed + 1, labels)
     ref = ReferenceTrainer(ref_model, bool(use_checkpoint))
     ref_losses = ref.step(x0, t, noise, cond)
     ours = OurTrainer(ours_model)
@@ -453,20 +482,21 @@ def activation_bytes(model: UNetModel, x0, t, noise, cond, use_checkpoint: bool 
     return held
 
 
-def timing(config: UNetConfig, b: int, seed: int, repeats: int) -> dict:
+def timing(config: UNetConfig, b: int, seed: int, repeats: int, labels: str = "nuclei") -> dict:
     """Seconds per step of each variant: median over `repeats` interleaved rounds, after one
     warm-up step each. CPU time of this process (the step runs on this thread's cores only) and
     wall time."""
     base = randomised(config, seed)
-    data = batch(b, config.image_size, config.label_nc, seed + 1)
+    data = batch(b, config.image_size, config.label_nc, seed + 1, labels)
+    random_data = batch(b, config.image_size, config.label_nc, seed + 1, "random")
 
-    def ours(checkpointing: bool | str, amp: torch.dtype | None = None) -> Callable[[], object]:
+    def ours(checkpointing: bool | str, amp: torch.dtype | None = None, data=data) -> Callable[[], object]:
         model = copy.deepcopy(base)
         model.set_checkpointing(checkpointing)
         trainer = OurTrainer(model, amp_dtype=amp)
         return lambda: trainer.step(*data)
 
-    def reference(checkpointing: bool) -> Callable[[], object]:
+    def reference(checkpointing: bool, data=data) -> Callable[[], object]:
         trainer = ReferenceTrainer(copy.deepcopy(base), checkpointing)
         return lambda: trainer.step(*data)
 
@@ -477,6 +507,8 @@ def timing(config: UNetConfig, b: int, seed: int, repeats: int) -> dict:
         "ours_full_checkpoint": ours(True),
         "reference_checkpoint": reference(True),
         "ours_bf16": ours(False, torch.bfloat16),
+        "ours_random_labels": ours(False, data=random_data),
+        "reference_random_labels": reference(False, data=random_data),
     }
     for fn in variants.values():
         fn()
@@ -498,21 +530,23 @@ def timing(config: UNetConfig, b: int, seed: int, repeats: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     config = small_config(args.size, args.channels)
     seed = args.seed
-    x0, t, noise, cond = batch(args.batch, args.size, config.label_nc, seed + 1)
+    x0, t, noise, cond = batch(args.batch, args.size, config.label_nc, seed + 1, args.labels)
     base = randomised(config, seed)
     par = {
-        "no_checkpoint": parity(config, args.batch, seed),
-        "checkpoint_selective_vs_official": parity(config, args.batch, seed, True, "selective"),
+        "no_checkpoint": parity(config, args.batch, seed, labels=args.labels),
+        "checkpoint_selective_vs_official": parity(config, args.batch, seed, True, "selective", args.labels),
+        "no_checkpoint_random_labels": parity(config, args.batch, seed, labels="random"),
     }
     memory = {name: activation_bytes(base, x0, t, noise, cond, flag)
               for name, flag in (("none", False), ("selective", "selective"), ("full", True))}
-    times = timing(config, args.batch, seed, args.repeats)
+    times = timing(config, args.batch, seed, args.repeats, args.labels)
     sec = times["cpu_seconds"]
     ratios = {
         "no_checkpoint": sec["reference"] / sec["ours"],
         "checkpoint_selective": sec["reference_checkpoint"] / sec["ours_selective_checkpoint"],
         "checkpoint_full": sec["reference_checkpoint"] / sec["ours_full_checkpoint"],
         "bf16_vs_fp32_reference": sec["reference"] / sec["ours_bf16"],
+        "no_checkpoint_random_labels": sec["reference_random_labels"] / sec["ours_random_labels"],
     }
     bf16 = OurTrainer(copy.deepcopy(base), amp_dtype=torch.bfloat16).step(x0, t, noise, cond)[2]
     fp32 = par["no_checkpoint"]["loss_reference"]
@@ -522,6 +556,7 @@ def run(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "config": config.model_dump(mode="json"),
         "batch": args.batch,
+        "labels": args.labels,
         "repeats": args.repeats,
         "parity": par,
         "bf16_loss_rel_diff": abs(bf16 - fp32) / abs(fp32),
@@ -541,6 +576,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (0: torch's default; 1 avoids OpenMP oversubscription on a shared machine)")
+    ap.add_argument("--labels", choices=LABELS, default="nuclei",
+                    help="label maps of the timed batch: toy-tile nuclei (what an SDM trains on) or a class per pixel")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffmix.sdm.diffusion import GaussianDiffusion
 from diffmix.sdm.train import make_optimizer, train_step
+import diffmix.sdm.unet as unet_mod
 from diffmix.sdm.unet import SELECTIVE_MIN_MACS, UNetConfig
 
 bench = load_benchmark("sdm_train")
@@ -29,10 +30,13 @@ TINY = UNetConfig(image_size=16, model_channels=32, channel_mult=(1, 2), num_res
 @pytest.mark.parametrize("seed", [0, 6])
 @pytest.mark.parametrize("flags", [(False, None), (True, "selective"), (True, True)],
                          ids=["no-checkpoint", "official-checkpoint-vs-selective", "both-full-checkpoint"])
-def test_first_step_equals_the_official_step(seed: int, flags) -> None:
-    """Same weights, same batch (one t = 0: the decoder-NLL branch): the loss agrees to 1.2e-7
-    relative (float32 rounding of a value near 2), the gradients to float rounding, our fused
-    AdamW update equals the official AdamW applied to our gradients, the EMA the official loop."""
+@pytest.mark.parametrize("windows", [1.0, 0.0], ids=["label-windows", "plain-convs"])
+def test_first_step_equals_the_official_step(seed: int, flags, windows: float, monkeypatch) -> None:
+    """Same weights, same batch (nuclei label maps; one t = 0: the decoder-NLL branch): the
+    loss agrees to 1.2e-7 relative (float32 rounding of a value near 2), the gradients to float
+    rounding, our fused AdamW update equals the official AdamW applied to our gradients, the
+    EMA the official loop. With SPADE through its label windows at every size and without."""
+    monkeypatch.setattr(unet_mod, "WINDOW_SHARE_MAX", windows)
     official_checkpoint, ours_checkpoint = flags
     p = bench.parity(TINY, 2, seed, official_checkpoint, ours_checkpoint)
     assert p["loss_reference"] > 0.5  # a real, non-trivial loss (weights are randomised)
@@ -70,10 +74,10 @@ class _ConvCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _grads_and_backward_convs(checkpointing) -> tuple[torch.Tensor, list[int], float]:
+def _grads_and_backward_convs(checkpointing, labels: str = "random") -> tuple[torch.Tensor, list[int], float]:
     model = bench.randomised(TINY, 3)
     model.set_checkpointing(checkpointing)
-    x0, t, noise, cond = bench.batch(2, 16, 6, 4)
+    x0, t, noise, cond = bench.batch(2, 16, 6, 4, labels)
     diffusion = GaussianDiffusion.linear()
     x_t = diffusion.q_sample(x0, t, noise)
     loss = diffusion.losses_from_output(model(x_t, diffusion.model_timesteps(t), cond), x0, x_t, t, noise)["loss"].mean()
@@ -96,6 +100,18 @@ def test_selective_checkpointing_recomputes_only_cheap_convs_with_equal_gradient
     assert all(m < SELECTIVE_MIN_MACS for m in sel_recomputed)
     assert len(sel_recomputed) < len(full_recomputed)
     # recomputation is deterministic: the same loss and gradients, bit for bit
+    assert none_loss == full_loss == sel_loss
+    assert torch.equal(none_grads, full_grads) and torch.equal(none_grads, sel_grads)
+
+
+def test_checkpointing_with_label_windows_gives_equal_gradients(monkeypatch) -> None:
+    """Windows found in the forward are reused by the recomputation: bit-equal gradients, and
+    no SPADE label conv (54 MACs per output) runs in backward any more."""
+    monkeypatch.setattr(unet_mod, "WINDOW_SHARE_MAX", 1.0)
+    none_grads, none_recomputed, none_loss = _grads_and_backward_convs(False, "nuclei")
+    full_grads, _, full_loss = _grads_and_backward_convs(True, "nuclei")
+    sel_grads, sel_recomputed, sel_loss = _grads_and_backward_convs("selective", "nuclei")
+    assert none_recomputed == [] and 54 not in sel_recomputed
     assert none_loss == full_loss == sel_loss
     assert torch.equal(none_grads, full_grads) and torch.equal(none_grads, sel_grads)
 
@@ -152,13 +168,16 @@ def test_train_step_takes_one_step_of_the_hybrid_loss() -> None:
 
 def test_benchmark_reports_ratios_and_parity_at_tiny_size() -> None:
     """`benchmarks/sdm_train.py` end to end, at a size that takes seconds."""
-    args = bench.argparse.Namespace(size=16, batch=2, channels=32, repeats=1, seed=0)
+    args = bench.argparse.Namespace(size=16, batch=2, channels=32, repeats=1, seed=0, labels="nuclei")
     report = bench.run(args)
-    assert set(report["speedup"]) == {"no_checkpoint", "checkpoint_selective", "checkpoint_full", "bf16_vs_fp32_reference"}
+    assert set(report["speedup"]) == {"no_checkpoint", "checkpoint_selective", "checkpoint_full", "bf16_vs_fp32_reference",
+                                      "no_checkpoint_random_labels"}
     assert all(v > 0 for v in report["speedup"].values())
     assert set(report["cpu_seconds"]) == {"ours", "reference", "ours_selective_checkpoint", "ours_full_checkpoint",
-                                          "reference_checkpoint", "ours_bf16"}
-    assert report["parity"]["no_checkpoint"]["loss_rel_diff"] <= 1.2e-7
+                                          "reference_checkpoint", "ours_bf16", "ours_random_labels",
+                                          "reference_random_labels"}
+    assert report["labels"] == "nuclei"
+    assert all(p["loss_rel_diff"] <= 1.2e-7 for p in report["parity"].values())
     assert 0 < report["bf16_loss_rel_diff"] < 1e-2
 
 

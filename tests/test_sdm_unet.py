@@ -14,9 +14,11 @@ from pydantic import ValidationError
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import diffmix.sdm.unet as unet_mod
 from diffmix.sdm.unet import (
     AttentionBlock,
     GroupNorm32,
+    LabelWindows,
     SPADEGroupNorm,
     SPADELabels,
     UNetConfig,
@@ -430,3 +432,112 @@ def test_forward_guided_with_gradients() -> None:
     (model(x, t, y).square().mean() + model(x, t, torch.zeros_like(y)).square().mean()).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------ label windows
+
+
+def _blob_labels(batch: int, label_nc: int, h: int, w: int, seed: int, cell: int = 4) -> torch.Tensor:
+    """Piecewise-constant one-hot classes (cells of `cell` px, nearest-upsampled) plus the edge
+    channel where the class changes: the kind of map an SDM sees, whose windows repeat."""
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, label_nc - 1, (batch, 1, -(-h // cell), -(-w // cell)), generator=gen).float()
+    cls = F.interpolate(coarse, scale_factor=cell, mode="nearest")[:, 0, :h, :w].long()
+    edge = torch.zeros(batch, 1, h, w)
+    edge[:, 0, 1:] += (cls[:, 1:] != cls[:, :-1]).float()
+    edge[:, 0, :, 1:] += (cls[:, :, 1:] != cls[:, :, :-1]).float()
+    return torch.cat([F.one_hot(cls, label_nc - 1).permute(0, 3, 1, 2).float(), edge.clamp(max=1)], 1)
+
+
+def _spade_and_grads(spade: SPADEGroupNorm, x: torch.Tensor, label) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    out = spade(x, label)
+    return out, list(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum(),
+                                         [x, *spade.parameters()]))
+
+
+@pytest.mark.parametrize("hw, binary", [((16, 16), True), ((7, 5), True), ((1, 1), True), ((2, 9), True),
+                                        ((12, 16), False)])
+def test_label_windows_equal_the_convs_over_the_map(hw, binary, monkeypatch) -> None:
+    """SPADE through its distinct 5x5 label windows = SPADE's convs over the whole map (values
+    and every gradient, to float rounding), at the borders, on maps smaller than a window, and
+    for labels that are not 0/1 (grouped by `torch.unique` instead of the packed ids)."""
+    torch.manual_seed(3)
+    spade = SPADEGroupNorm(64, label_nc=6)
+    with torch.no_grad():
+        for p in spade.parameters():
+            p.normal_(0.0, 0.2)
+    y = _blob_labels(3, 6, *hw, seed=4)
+    if not binary:
+        y = y * 0.7 + 0.1
+    x = torch.randn(3, 64, *hw, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(unet_mod, "WINDOW_SHARE_MAX", 1.0)
+    windows = LabelWindows(y)
+    found = windows.at(hw)
+    assert found is not None and found.index.shape == (3 * hw[0] * hw[1],)
+    assert found.taps.shape[0] == int(found.index.max()) + 1 <= 3 * hw[0] * hw[1]
+    got, got_grads = _spade_and_grads(spade, x, windows)
+    want, want_grads = _spade_and_grads(spade, x, y)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    for g, r in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, r, atol=1e-5 * max(r.abs().max().item(), 1e-3), rtol=1e-4)
+
+
+def test_label_windows_group_exactly_the_equal_windows() -> None:
+    """The packed ids give the same grouping as `torch.unique` over the unfolded windows."""
+    y = _blob_labels(2, 6, 24, 20, seed=6)
+    z = F.pad(torch.cat([y, torch.ones(2, 1, 24, 20)], 1), (2, 2, 2, 2))
+    rows = F.unfold(z, 5).transpose(1, 2).reshape(-1, 7 * 25)
+    want = torch.unique(rows, dim=0, return_inverse=True)[1]
+    got = unet_mod._binary_window_ids(z)
+    assert got is not None and int(got.max()) == int(want.max())
+    pairs = torch.unique(torch.stack([got, want], 1), dim=0)  # a bijection between the two labellings
+    assert pairs.shape[0] == int(want.max()) + 1
+    assert unet_mod._binary_window_ids(torch.zeros(1, 32, 5, 5)) is None  # more channels than key bits
+
+
+def test_label_windows_stay_off_where_windows_do_not_repeat(monkeypatch) -> None:
+    """A class per pixel (no two windows alike) and `WINDOW_SHARE_MAX = 0` take the plain convs."""
+    noisy = (torch.rand(2, 6, 16, 16, generator=torch.Generator().manual_seed(7)) > 0.5).float()
+    assert LabelWindows(noisy).at((16, 16)) is None
+    blobs = _blob_labels(2, 6, 32, 32, seed=8, cell=8)
+    found = LabelWindows(blobs).at((32, 32))
+    assert found is not None and found.taps.shape[0] < 0.5 * 2 * 32 * 32
+    monkeypatch.setattr(unet_mod, "WINDOW_SHARE_MAX", 0.0)
+    assert LabelWindows(blobs).at((32, 32)) is None
+
+
+@pytest.mark.parametrize("checkpointing", [False, "selective", True])
+def test_unet_with_label_windows_equals_the_plain_convs(checkpointing, monkeypatch) -> None:
+    """The whole U-Net, training (forward + backward, every checkpointing mode) and the guided
+    sampling pass, with windows at every decoder size against windows off."""
+    config = _tiny(**DEEP)
+    model = _randomised(config, seed=14).train()
+    model.set_checkpointing(checkpointing)
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    t = torch.tensor([30, 870])
+    y = _blob_labels(2, 6, 16, 16, seed=16)
+    runs = {}
+    calls = []
+    window_modulation = SPADEGroupNorm.window_modulation
+    monkeypatch.setattr(SPADEGroupNorm, "window_modulation",
+                        lambda self, *a: calls.append(self) or window_modulation(self, *a))
+    for share in (1.0, 0.0):
+        monkeypatch.setattr(unet_mod, "WINDOW_SHARE_MAX", share)
+        model.zero_grad()
+        out = model(x, t, y)
+        out.square().mean().backward()
+        with torch.no_grad():
+            guided = model.forward_guided(x, t, y, labels=SPADELabels(y, null=True))
+        runs[share] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, guided)
+        if share:  # every decoder SPADE took its windows, in training and in the guided pass
+            spades = {m for m in model.modules() if isinstance(m, SPADEGroupNorm)}
+            assert set(calls) == spades
+    (out, grads, guided), (ref_out, ref_grads, ref_guided) = runs[1.0], runs[0.0]
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5 * max(ref_grads[name].abs().max().item(), 1e-3),
+                                   rtol=1e-4, msg=name)
+    for a, b in zip(guided, ref_guided):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
