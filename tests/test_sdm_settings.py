@@ -65,9 +65,10 @@ def test_the_default_is_unipc_with_five_passes_from_the_official_start():
     assert sampler_settings("ddim") == OFFICIAL and OFFICIAL.num_passes == 55
     assert sampler_settings("dpmpp-2m").passes == 10
     assert sampler_settings("unipc", 8).passes == 8 and sampler_settings("ddim", 5).passes == 5
-    assert default_passes("ddim") is None and default_passes("unipc") == 5
+    assert default_passes("ddim", 100, "0.55") is None and default_passes("unipc", 100, "0.55") == 5
     # never more than the respaced steps from the start: 10 steps from 55% have 5, 4 steps 2
-    assert default_passes("unipc", 10) == 5 and default_passes("dpmpp-2m", 10) == 5 and default_passes("unipc", 4) == 2
+    assert default_passes("unipc", 10, "0.55") == 5 and default_passes("dpmpp-2m", 10, "0.55") == 5
+    assert default_passes("unipc", 4, "0.55") == 2
     assert sampler_settings(steps=2, start_fraction="0.5").passes == 1
     with pytest.raises(ConfigError, match="solver must be one of"):
         sampler_settings("euler")

@@ -3,10 +3,10 @@
 Every default of the DiffMix sampler is written here once. The start time and guidance are
 spec 4's (`--timestep_respacing ddim100 --s 1.5 --ddim_percent 55`, eta 0); the solver is
 UniPC with 5 guided passes (`DEFAULTS`), chosen on the quality-vs-cost curve of
-docs/solvers.md, where the official DDIM loop (`OFFICIAL`, 55 passes) is one option away. The start fraction is parsed once, exactly,
-into a `fractions.Fraction`, so "0.55" is 11/20 everywhere and no float product can floor the
-start index to the wrong side. This module imports neither torch nor numpy: configs and CLIs
-can name the defaults without paying for them.
+docs/solvers.md; the official DDIM loop (`OFFICIAL`, 55 passes) is one option away. The start
+fraction is parsed once, exactly, into a `fractions.Fraction`, so "0.55" is 11/20 everywhere
+and no float product can floor the start index to the wrong side. This module imports neither
+torch nor numpy: configs and CLIs can name the defaults without paying for them.
 """
 
 from __future__ import annotations
@@ -102,8 +102,8 @@ class SamplerSettings:
     solver: "ddim" (the official sampler), "dpmpp-2m" (DPM-Solver++(2M)) or "unipc" (UniPC-2,
         B(h) = e^h - 1); all use the clipped data prediction (spec 4's clip_denoised).
     passes: guided network passes from the start time to t = 0; None = every respaced step
-        from the start (55 for spec 4's schedule, the official run). The start time does not depend
-        on it, so a few-pass run starts where the official one does.
+        from the start (55 for spec 4's schedule, the official run). The start time does not
+        depend on it, so a few-pass run starts where the official one does.
     spacing: the grid of those passes, "time" (uniform in network steps) or "logsnr" (uniform
         in log(alpha / sigma)); set only with passes, default `DEFAULT_SPACING[solver]`.
     """
@@ -186,7 +186,7 @@ class SamplerSettings:
                 f"guidance {self.guidance_scale:g}" + (f", eta {self.eta:g}" if self.eta else ""))
 
 
-def default_passes(solver: str, steps: int = 100, start_fraction: str | float | Fraction = "0.55") -> int | None:
+def default_passes(solver: str, steps: int, start_fraction: str | float | Fraction) -> int | None:
     """`solver`'s default budget on the schedule `steps` started at `start_fraction`:
     `DEFAULT_PASSES[solver]`, but never more passes than the respaced steps from the start (a
     10-step schedule from 55% has 5, a 4-step one 2), so the default never costs more than the

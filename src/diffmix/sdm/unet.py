@@ -15,8 +15,9 @@ What differs from the official code, on purpose, without changing the maths:
   recomputes only the cheap rest (see `_Checkpointed`);
 - the output is returned in the input's dtype (fp32 for fp32 inputs even under autocast);
 - on CPU, a SPADE's label convs run once per distinct 5x5 label window instead of at every
-  pixel (`LabelWindows`): nucleus label maps repeat their windows, so this removes most of the
-  convs that are 72% of a small-config forward, with the same values to float rounding.
+  pixel (`LabelWindows`): nucleus label maps repeat their windows, so this removes most of
+  the convs that are about three quarters of a small-config forward's multiply-adds, with the
+  same values to float rounding.
 
 For sampling with classifier-free guidance, `UNetModel.forward_guided` returns the conditional
 and null-label outputs of one (x, t) at once: the label-free encoder runs once, the null label's
@@ -379,8 +380,9 @@ def _binary_window_ids(z: Tensor) -> Tensor | None:
 
     Integer arithmetic only (no rounding on any device): each pixel's C bits become one code,
     the 25 codes of a window are packed a few at a time into chunks below 2^31, and the chunks
-    are folded in one by one, each fold a 1-D `torch.unique` of id x 2^31 + chunk. About 10x
-    faster than `torch.unique` over the unfolded (N, C x 25) rows."""
+    are folded in one by one, each fold a 1-D `torch.unique` of id x 2^31 + chunk. About 4x
+    faster than `torch.unique` over the unfolded (N, C x 25) rows (13 vs 53 ms for a 64-px
+    batch of 4, one thread)."""
     b, c, hp, wp = z.shape
     h, w = hp - 4, wp - 4
     if c > _KEY_BITS or b * h * w >= 2**32:
