@@ -123,12 +123,12 @@ def test_every_default_comes_from_the_settings():
     from diffmix.synth.cli import synthesize_cmd
     from diffmix.pipeline.experiment import SynthStage
     from diffmix.sdm.cli import sample_cmd
-    from diffmix.sdm.cli import sampler_settings as cli_settings
+    from diffmix.sdm.cli import sampler_from_options
     from diffmix.sdm.train import SDMTrainConfig
 
     for cmd in (synthesize_cmd, sample_cmd):
         opts = {name: p.default.default for name, p in inspect.signature(cmd).parameters.items()}
-        got = cli_settings(opts["steps"], opts["start_fraction"], opts["guidance_scale"], opts["eta"],
+        got = sampler_from_options(opts["steps"], opts["start_fraction"], opts["guidance_scale"], opts["eta"],
                            opts["solver"], opts["passes"], opts["spacing"])
         assert got == DEFAULTS, cmd.__name__
     assert SynthStage().sampler() == DEFAULTS

@@ -14,8 +14,7 @@ from typing import Any, Optional
 import typer
 
 from diffmix._cli import add_group
-from diffmix.sdm import settings
-from diffmix.sdm.settings import DEFAULT_PASSES, DEFAULTS, SOLVERS, SamplerSettings, fraction_text
+from diffmix.sdm.settings import DEFAULT_PASSES, DEFAULTS, SOLVERS, SamplerSettings, fraction_text, sampler_settings
 
 def train_cmd(
     dataset: Path = typer.Argument(..., help="Dataset folder (Images/ + Labels/) of full training images."),
@@ -86,12 +85,12 @@ SPACING_OPTION: Any = typer.Option(
     None, "--spacing", help="Grid of --passes: time or logsnr (default: time for ddim, logsnr for dpmpp-2m and unipc).")
 
 
-def sampler_settings(steps: int, start_fraction: str, guidance_scale: float, eta: float, solver: str,
-                     passes: Optional[int], spacing: Optional[str] = None) -> SamplerSettings:
+def sampler_from_options(steps: int, start_fraction: str, guidance_scale: float, eta: float, solver: str,
+                         passes: Optional[int], spacing: Optional[str] = None) -> SamplerSettings:
     """The `SamplerSettings` of the sampler options, an unset `--passes` being the solver's
     default budget (ConfigError, exit 2, for a bad value)."""
-    return settings.sampler_settings(solver, passes, steps=steps, start_fraction=start_fraction,
-                                     guidance_scale=guidance_scale, eta=eta, spacing=spacing)
+    return sampler_settings(solver, passes, steps=steps, start_fraction=start_fraction,
+                            guidance_scale=guidance_scale, eta=eta, spacing=spacing)
 
 
 def sample_cmd(
@@ -123,17 +122,17 @@ def sample_cmd(
     from diffmix.synth.jobs import OWN
     from diffmix.synth.run import synthesize
 
-    settings = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
+    sampler = sampler_from_options(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
     check_output_folder(out)
     data = read_dataset(maps, scheme)
     try:
         report = synthesize(
-            data, ckpt, out, maps=OWN, patch=None, sampler=settings, batch_size=batch_size, seed=seed,
+            data, ckpt, out, maps=OWN, patch=None, sampler=sampler, batch_size=batch_size, seed=seed,
             device=device, progress=progress, weights=weights, generator_name="diffmix sdm sample",  # type: ignore[arg-type]
         )
         if is_main():
             typer.echo(f"sdm sample: {report.n_written} image(s) written, {report.n_skipped} already done "
-                       f"({settings.describe()}) -> {report.out}")
+                       f"({sampler.describe()}) -> {report.out}")
     finally:
         cleanup()
 

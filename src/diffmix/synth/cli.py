@@ -23,7 +23,7 @@ from diffmix.sdm.cli import (
     SPACING_OPTION,
     START_FRACTION_OPTION,
     STEPS_OPTION,
-    sampler_settings,
+    sampler_from_options,
 )
 
 
@@ -73,7 +73,7 @@ def synthesize_cmd(
     from diffmix.synth.run import synthesize
 
     check_weights(weights)
-    sampler = sampler_settings(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
+    sampler = sampler_from_options(steps, start_fraction, guidance_scale, eta, solver, passes, spacing)
     if json_out is not None:
         check_output_file(json_out)
     ds = read_dataset(dataset, scheme)
