@@ -5,7 +5,8 @@ contract of design.md: exit code 2, exactly one line on stderr, starting `error:
 the file or option at fault, no traceback, and nothing written where the output would go (no
 half-made run folder that the corrected command would then refuse as "a different run").
 The inputs are tiny (96-px toy tiles, a one-level U-Net, a 4-channel segmenter) so the whole
-suite is bounded by interpreter start-up, about 3 s a case on 2 shared cores.
+suite is bounded by interpreter start-up, about 3 s a case on 2 shared cores; the cases run
+concurrently, one per core (`ran`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,19 +303,49 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_user_mistake_is_one_error_line_and_writes_nothing(case: Case, w: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    fields = {k: str(v) for k, v in w.items()} | {"out": str(out)}
+_CASE_TEST = "test_user_mistake_is_one_error_line_and_writes_nothing"
+
+
+def _inputs_tree(w: dict[str, Path]) -> dict[str, dict[str, int]]:
+    return {k: _tree(v) for k, v in w.items() if k in ("file", "toy", "root")}
+
+
+@pytest.fixture(scope="module")
+def ran(w: dict[str, Path], tmp_path_factory, request) -> dict:
+    """Every selected case run at once, a worker per core (each command is a one-thread
+    subprocess that mostly waits on interpreter and torch start-up, so this halves the file's
+    time on 2 cores). Per case: its result and placeholders; plus the inputs' trees before."""
     import shlex
 
-    args = shlex.split(case.args.format(**fields))
-    before = {k: _tree(v) for k, v in w.items() if k in ("file", "toy", "root")}
-    res = diffmix(*args, cwd=tmp_path)
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if getattr(item, "originalname", None) == _CASE_TEST}
+    jobs = []
+    for case in CASES:
+        if case.id in selected:
+            cwd = tmp_path_factory.mktemp(case.id)
+            fields = {k: str(v) for k, v in w.items()} | {"out": str(cwd / "out")}
+            jobs.append((case.id, shlex.split(case.args.format(**fields)), cwd, fields))
+    before = _inputs_tree(w)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        results = pool.map(lambda job: diffmix(*job[1], cwd=job[2]), jobs)
+        by_case = {job[0]: (res, job[3]) for job, res in zip(jobs, results)}
+    return {"cases": by_case, "inputs_before": before}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_user_mistake_is_one_error_line_and_writes_nothing(case: Case, ran: dict) -> None:
+    res, fields = ran["cases"][case.id]
     assert_user_error(res, *(n.format(**fields) for n in case.needles))
     if case.out:
-        assert not Path(case.out.format(**fields)).exists(), sorted(_tree(out))
-    assert {k: _tree(v) for k, v in w.items() if k in ("file", "toy", "root")} == before
+        out = Path(case.out.format(**fields))
+        assert not out.exists(), sorted(_tree(out))
+
+
+def test_no_mistaken_command_wrote_into_its_inputs(ran: dict, w: dict[str, Path]) -> None:
+    """The shared inputs (datasets, checkpoints, configs) are as they were before the cases."""
+    after = _inputs_tree(w)
+    changed = {k: sorted(set(after[k].items()) ^ set(ran["inputs_before"][k].items())) for k in after}
+    assert not any(changed.values()), changed
 
 
 # --------------------------------------------------------------------------- what works
