@@ -30,9 +30,10 @@ Parity of the first step at equal weights and batch: loss (relative), gradients 
 parameters (max abs difference relative to the largest reference value).
 
 The batch's label maps (`--labels`): "nuclei" (default), the maps of built-in toy tiles, the
-kind an SDM trains on; "random", a class per pixel, is timed beside it as the worst case of the
-U-Net's `LabelWindows` (no two 5x5 label windows alike, so SPADE's label convs run over the
-whole map, as they did before the windows).
+kind an SDM trains on, or a dataset folder (random crops of its label maps, e.g. CoNSeP Train);
+"random", a class per pixel, is timed beside either as the worst case of the U-Net's
+`LabelWindows` (no two 5x5 label windows alike, so SPADE's label convs run over the whole map,
+as they did before the windows).
 
 Measured on the shared 2-core machine (AMD EPYC Zen 4; small config: 32 channels x (1,2,3,4),
 attention at 16 and 8, 15.7 M parameters, 64-px crops, batch 4, one thread, `--repeats 5`),
@@ -40,17 +41,22 @@ CPU seconds per step, median, 2026-12-01: ours 1.56 vs reference 2.61 (**1.67x**
 flags: ours selective 1.84 vs reference 3.42 (**1.86x**), ours full 2.07 (1.65x); random labels
 2.59 vs 2.67 (1.03x); bf16 1.12 (2.33x against the fp32 reference, loss 1.0e-4 off). Parity on
 the nuclei batch: loss equal to the last bit, gradients 3.3e-7, update 6e-8, EMA 7e-9.
+The same step on real label maps, four batches of four random 64-px crops of CoNSeP Train (as
+training draws them, background and nuclei mixed; `--labels CONSEP/Train --repeats 3 --seed S`,
+S = 100..103): 1.23x, 1.45x, 1.32x, 1.69x at equal flags; 1.58x, 1.83x, 1.58x, 2.03x against
+the authors' flags; loss within 7.3e-8. Batches of dense tissue gain least (`LabelWindows` is
+off at sizes where more than half the windows are distinct).
 Activations held for backward: 483 MiB unchecked (404 with the plain convs: each distinct
 window keeps its hidden vector at 9 positions), 237 selective, 54 full.
 
 Where the time went (profile, before `LabelWindows`): convolutions were 85% of the step, at
 75-90% of one core's fp32 peak in oneDNN on both sides, and SPADE's label convs alone were
 about three quarters of a forward's multiply-adds in this config (FlopCounterMode). They depend
-on the label map only, and a nucleus map repeats its 5x5 windows (4-14% distinct at 64 and
-32 px on CoNSeP crops with nuclei), so the windows path evaluates them once per distinct
-window, equal to float rounding. The official step's other
-extra work (einsum attention, attention always recomputed, per-tensor AdamW and norm
-read-backs, the loss) is ~2% of it.
+on the label map only, and a nucleus map repeats its 5x5 windows (10-18% distinct at 64 px,
+28-44% at 32 in random batches of CoNSeP training crops), so the windows path evaluates them
+once per distinct window, equal to float rounding. The official step's other extra work
+(einsum attention, attention always recomputed, per-tensor AdamW and norm read-backs, the
+loss) is ~2% of it.
 
     python benchmarks/sdm_train.py [--size 64] [--batch 4] [--channels 32] [--repeats 5] [--threads 1] [--labels nuclei|random]
 """
@@ -72,6 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from diffmix.data.io import read_dataset
+from diffmix.errors import DiffMixError
 from diffmix.data.toy import generate_toy_sample
 from diffmix.maps.conditioning import condition_map
 from diffmix.sdm.diffusion import GaussianDiffusion
@@ -379,9 +387,10 @@ LABELS = ("nuclei", "random")
 def batch(b: int, size: int, label_nc: int, seed: int, labels: str = "nuclei") -> tuple[torch.Tensor, ...]:
     """x0, t, noise, cond: a random image batch, timesteps (one of them 0: the decoder-NLL
     branch) and a one-hot + edge label map: "nuclei", the label maps of built-in toy tiles
-    (`diffmix.data.toy`: nuclei of 4-12 px radius, what an SDM trains on), or "random", a class
+    (`diffmix.data.toy`: nuclei of 4-12 px radius, what an SDM trains on); "random", a class
     drawn per pixel and 10% edge pixels (no two label windows alike: the worst case of the
-    U-Net's `LabelWindows`, whose convs then run over the whole map)."""
+    U-Net's `LabelWindows`, whose convs then run over the whole map); or a dataset folder, whose
+    label maps give `b` random crops (background and nuclei as training draws them)."""
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.rand(b, 3, size, size, generator=gen) * 2 - 1
     t = torch.randint(0, 1000, (b,), generator=gen)
@@ -394,8 +403,21 @@ def batch(b: int, size: int, label_nc: int, seed: int, labels: str = "nuclei") -
         tiles = [generate_toy_sample(size, rng, f"tile{i}") for i in range(b)]
         cond = torch.from_numpy(np.stack([condition_map(s.inst_map, s.type_map, label_nc - 2) for s in tiles]))
         return x0, t, noise, cond
-    if labels != "random":
-        raise SystemExit(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
+    if labels not in LABELS:
+        try:
+            data = read_dataset(labels)
+        except DiffMixError as exc:
+            raise SystemExit(f"--labels: {exc}") from None
+        if data.scheme.num_classes != label_nc - 2:
+            raise SystemExit(f"{labels}: {data.scheme.num_classes} classes, the U-Net takes {label_nc - 2}")
+        rng = np.random.default_rng(seed)
+        crops = []
+        for _ in range(b):
+            s = data[int(rng.integers(len(data)))]
+            y, x = (int(rng.integers(0, n - size + 1)) for n in s.inst_map.shape)
+            crops.append(condition_map(s.inst_map[y:y + size, x:x + size], s.type_map[y:y + size, x:x + size],
+                                       label_nc - 2))
+        return x0, t, noise, torch.from_numpy(np.stack(crops))
     cls = torch.randint(0, label_nc - 1, (b, size, size), generator=gen)
     edges = (torch.rand(b, 1, size, size, generator=gen) < 0.1).float()
     cond = torch.cat([F.one_hot(cls, label_nc - 1).permute(0, 3, 1, 2).float(), edges], 1)
@@ -576,8 +598,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (0: torch's default; 1 avoids OpenMP oversubscription on a shared machine)")
-    ap.add_argument("--labels", choices=LABELS, default="nuclei",
-                    help="label maps of the timed batch: toy-tile nuclei (what an SDM trains on) or a class per pixel")
+    ap.add_argument("--labels", default="nuclei",
+                    help="label maps of the timed batch: nuclei (toy tiles, what an SDM trains on), random (a class "
+                         "per pixel) or a dataset folder (random crops of its labels, e.g. a CoNSeP Train folder)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:

@@ -166,6 +166,22 @@ def test_train_step_takes_one_step_of_the_hybrid_loss() -> None:
     assert max(moved) == pytest.approx(1e-4, rel=0.01)  # Adam's first step moves by ~lr
 
 
+def test_benchmark_label_maps_from_a_dataset_folder(tmp_path) -> None:
+    """`--labels DIR`: random crops of the folder's label maps as one-hot + edge maps; a folder
+    that is not a dataset, or one with another class count, is a one-line exit."""
+    from diffmix.data.toy import write_toy_dataset
+
+    folder = write_toy_dataset(tmp_path / "toy", n_images=2, size=64, seed=0)
+    x0, t, noise, cond = bench.batch(3, 32, 6, 0, str(folder))
+    assert cond.shape == (3, 6, 32, 32) and x0.shape == (3, 3, 32, 32)
+    assert torch.equal(cond[:, :5].sum(1), torch.ones(3, 32, 32))  # one class per pixel
+    assert torch.equal(cond, bench.batch(3, 32, 6, 0, str(folder))[3])  # the seed fixes the crops
+    with pytest.raises(SystemExit, match="--labels: .*not found"):
+        bench.batch(3, 32, 6, 0, str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match="4 classes, the U-Net takes 5"):
+        bench.batch(3, 32, 7, 0, str(folder))
+
+
 def test_benchmark_reports_ratios_and_parity_at_tiny_size() -> None:
     """`benchmarks/sdm_train.py` end to end, at a size that takes seconds."""
     args = bench.argparse.Namespace(size=16, batch=2, channels=32, repeats=1, seed=0, labels="nuclei")
