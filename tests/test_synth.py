@@ -260,10 +260,12 @@ def _synth_args(toy_dir: Path, ckpt: Path, out: Path) -> list[str]:
             "--enlarge", json.dumps(ENLARGE), "--quiet"]
 
 
-def test_killed_run_resumes_to_the_exact_bytes(toy_dir, random_ckpt, tmp_path):
+def test_killed_run_resumes_to_the_exact_bytes(toy_dir, random_ckpt, tmp_path, capsys):
     ref = tmp_path / "ref"
     _run_cli([*_synth_args(toy_dir, random_ckpt, ref), "--json", str(tmp_path / "ref.json")])
     assert len(list((ref / "Images").iterdir())) == 10
+    # the sampler that ran is named: the default solver, its budget capped at the 2 steps from the start
+    assert "sampler: unipc, 2 guided passes (logsnr grid) from index 1 of 4 steps" in capsys.readouterr().out
     summary = json.loads((tmp_path / "ref.json").read_text())
     assert summary["n_written"] == 10 and summary["maps"] == ["balance", "enlarge"]
     assert summary["class_counts_after"]["balance"]["1"] > summary["class_counts_before"]["balance"]["1"]

@@ -87,6 +87,7 @@ def synthesize_cmd(
         if is_main():
             typer.echo(f"nuclei per class in the {report.n_patches} grid patches (original labels -> custom maps):")
             typer.echo(report.counts_table(ds.scheme))
+            typer.echo(f"sampler: {sampler.describe()}")
             typer.echo(
                 f"{report.n_written} patches written, {report.n_skipped} already done, "
                 f"{report.patches_per_second:.3f} patches/s over {report.seconds:.1f} s "
