@@ -396,32 +396,39 @@ def batch(b: int, size: int, label_nc: int, seed: int, labels: str = "nuclei") -
     t = torch.randint(0, 1000, (b,), generator=gen)
     t[0] = 0
     noise = torch.randn(x0.shape, generator=gen)
-    if labels == "nuclei":
-        if label_nc < 6:
-            raise SystemExit(f"nuclei labels have 4 classes: label_nc must be >= 6, got {label_nc}")
+    if labels != "random":
         rng = np.random.default_rng(seed)
-        tiles = [generate_toy_sample(size, rng, f"tile{i}") for i in range(b)]
-        cond = torch.from_numpy(np.stack([condition_map(s.inst_map, s.type_map, label_nc - 2) for s in tiles]))
+        maps = _nuclei_maps(b, size, label_nc, rng) if labels == "nuclei" else _dataset_maps(labels, b, size, label_nc, rng)
+        cond = torch.from_numpy(np.stack([condition_map(inst, types, label_nc - 2) for inst, types in maps]))
         return x0, t, noise, cond
-    if labels not in LABELS:
-        try:
-            data = read_dataset(labels)
-        except DiffMixError as exc:
-            raise SystemExit(f"--labels: {exc}") from None
-        if data.scheme.num_classes != label_nc - 2:
-            raise SystemExit(f"{labels}: {data.scheme.num_classes} classes, the U-Net takes {label_nc - 2}")
-        rng = np.random.default_rng(seed)
-        crops = []
-        for _ in range(b):
-            s = data[int(rng.integers(len(data)))]
-            y, x = (int(rng.integers(0, n - size + 1)) for n in s.inst_map.shape)
-            crops.append(condition_map(s.inst_map[y:y + size, x:x + size], s.type_map[y:y + size, x:x + size],
-                                       label_nc - 2))
-        return x0, t, noise, torch.from_numpy(np.stack(crops))
     cls = torch.randint(0, label_nc - 1, (b, size, size), generator=gen)
     edges = (torch.rand(b, 1, size, size, generator=gen) < 0.1).float()
     cond = torch.cat([F.one_hot(cls, label_nc - 1).permute(0, 3, 1, 2).float(), edges], 1)
     return x0, t, noise, cond
+
+
+def _nuclei_maps(b: int, size: int, label_nc: int, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inst_map, type_map) of `b` toy tiles."""
+    if label_nc < 6:
+        raise SystemExit(f"nuclei labels have 4 classes: label_nc must be >= 6, got {label_nc}")
+    return [(s.inst_map, s.type_map) for s in (generate_toy_sample(size, rng, f"tile{i}") for i in range(b))]
+
+
+def _dataset_maps(folder: str, b: int, size: int, label_nc: int,
+                  rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(inst_map, type_map) of `b` random size x size crops of a dataset folder's labels."""
+    try:
+        data = read_dataset(folder)
+    except DiffMixError as exc:
+        raise SystemExit(f"--labels: {exc}") from None
+    if data.scheme.num_classes != label_nc - 2:
+        raise SystemExit(f"{folder}: {data.scheme.num_classes} classes, the U-Net takes {label_nc - 2}")
+    maps = []
+    for _ in range(b):
+        s = data[int(rng.integers(len(data)))]
+        y, x = (int(rng.integers(0, n - size + 1)) for n in s.inst_map.shape)
+        maps.append((s.inst_map[y:y + size, x:x + size], s.type_map[y:y + size, x:x + size]))
+    return maps
 
 
 def parity(config: UNetConfig, b: int, seed: int, use_checkpoint: bool | str = False,

@@ -43,7 +43,7 @@ from diffmix.pipeline.intervals import headline_intervals
 from diffmix.pipeline.report import fold_row, summarise, write_report
 from diffmix.runs import JsonlLog, prepare_run_folder, write_json
 from diffmix.sdm.settings import DEFAULTS as SAMPLER
-from diffmix.sdm.settings import SamplerSettings, default_passes, fraction_text, sampler_settings
+from diffmix.sdm.settings import SamplerSettings, fraction_text, sampler_settings
 from diffmix.sdm.train import resolve_train_config, train_sdm
 from diffmix.seeds import fold_rng, held_out_rng, segmenter_seed, utility_seed
 from diffmix.seg.data import Source
@@ -166,7 +166,7 @@ class SynthStage(BaseModel):
         if data.get("solver") == "ddim":
             data.pop("solver")
         elif data.get("passes") is None:
-            data["passes"] = default_passes(self.solver, self.steps, self.start_fraction)
+            data["passes"] = self.sampler().passes
         for name in ("passes", "spacing"):
             if data.get(name) is None:
                 data.pop(name, None)

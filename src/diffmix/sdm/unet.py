@@ -239,15 +239,16 @@ class SPADEGroupNorm(nn.Module):
         if isinstance(label, SPADELabels):
             return label.modulate(self, self.norm(x))
         x = self.norm(x)
-        if isinstance(label, LabelWindows):
-            found = label.at((x.shape[-2], x.shape[-1]))
-            if found is not None:
-                scale, shift = self.window_modulation(found, x.shape)
-                return x * scale + shift
-            label = label.y
-        label = F.interpolate(label, size=x.shape[-2:], mode="nearest")
-        actv = self.mlp_shared(label)
-        return x * (1 + self.mlp_gamma(actv)) + self.mlp_beta(actv)
+        scale, shift = self.label_modulation(label, (x.shape[-2], x.shape[-1]))
+        return x * scale + shift
+
+    def label_modulation(self, label: "Tensor | LabelWindows", size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(1 + gamma, beta) of a label at `size`: per distinct label window when `label` is a
+        `LabelWindows` whose windows repeat enough there, else the convs over the whole map."""
+        found = label.at(size) if isinstance(label, LabelWindows) else None
+        if found is not None:
+            return self.window_modulation(found, size)
+        return self.modulation(label.y if isinstance(label, LabelWindows) else label, size)
 
     def modulation(self, label: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """(1 + gamma, beta), each (B, C, h, w), of the label (B, label_nc, H, W) at size (h, w).
@@ -259,8 +260,8 @@ class SPADEGroupNorm(nn.Module):
         actv = self.mlp_shared(F.interpolate(label, size=size, mode="nearest"))
         return 1 + self.mlp_gamma(actv), self.mlp_beta(actv)
 
-    def window_modulation(self, windows: "LabelWindowSet", shape: torch.Size) -> tuple[Tensor, Tensor]:
-        """(1 + gamma, beta), each (B, C, h, w) for features of `shape`, from the distinct label
+    def window_modulation(self, windows: "LabelWindowSet", size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(1 + gamma, beta), each (B, C, h, w) at `size` = (h, w), from the distinct label
         windows of `LabelWindows.at`: the two 3x3 convs evaluated once per distinct 5x5 window,
         as two matrix products (the shared conv at the window's 3x3 inner positions, zeroed
         where they fall outside the map as the gamma/beta convs' zero padding does; gamma and
@@ -275,7 +276,8 @@ class SPADEGroupNorm(nn.Module):
         weight = torch.cat([self.mlp_gamma.weight, self.mlp_beta.weight]).permute(0, 2, 3, 1).flatten(1)
         bias = torch.cat([self.mlp_gamma.bias, self.mlp_beta.bias])
         gamma_beta = F.linear(actv.flatten(1), weight, bias)  # (U, 2C)
-        b, c, h, w = shape
+        (h, w), c = size, self.channels
+        b = windows.index.numel() // (h * w)
         per_window = torch.cat([1 + gamma_beta[:, :c], gamma_beta[:, c:]], 1)  # rounded as 1 + conv
         per_pixel = per_window.t().index_select(1, windows.index).view(2 * c, b, h, w).transpose(0, 1)
         return per_pixel[:, :c], per_pixel[:, c:]
@@ -467,15 +469,11 @@ class SPADELabels:
         return mod
 
     def _modulation(self, spade: SPADEGroupNorm, size: tuple[int, int], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """y's (1 + gamma, beta) at `size`: per distinct label window when they repeat enough
-        (`LabelWindows`), else the convs over the whole map."""
+        """y's (1 + gamma, beta) at `size`, y's windows found once per compute dtype."""
         windows = self._windows.get(dtype)
         if windows is None:
             windows = self._windows[dtype] = LabelWindows(self.y.to(dtype))
-        found = windows.at(size)
-        if found is None:
-            return spade.modulation(windows.y, size)
-        return spade.window_modulation(found, torch.Size((self.y.shape[0], spade.channels, *size)))
+        return spade.label_modulation(windows, size)
 
     def modulate(self, spade: SPADEGroupNorm, n: Tensor) -> Tensor:
         """n (rows, C, h, w), the normalised features -> n * (1 + gamma) + beta, row by row."""
